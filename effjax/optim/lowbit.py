@@ -1,0 +1,136 @@
+"""Low-bit versions of the common optax optimizers.
+
+Each alias is ``quantize_state(optax.<name>(...))``: the optax optimizer with the same argument
+names, defaults and update rule, whose moments are stored block-wise in 8 bits (bitsandbytes'
+format: block 256, signed dynamic map for first moments, unsigned dynamic map for second
+moments) or 4 bits (torchao's format: block 128, 4-bit dynamic map for the first moment, linear
+map without zero for the second). Tensors with fewer than ``min_quantized_size`` (4096)
+elements keep float32 state, as in both anchors. See :func:`effjax.optim.quantize_state` for the
+non-finite-gradient rule.
+
+Semantics match the anchors: the update uses the new float32 moments before they are
+re-quantized; decoupled weight decay is ``-lr * wd * p`` from the old parameter, which is
+bitsandbytes' ``p *= 1 - lr * wd`` followed by the Adam step.
+
+Example:
+  >>> import jax, jax.numpy as jnp, optax
+  >>> from effjax.optim import adamw_8bit
+  >>> params = {"w": jnp.zeros((128, 128))}
+  >>> opt = adamw_8bit(learning_rate=1e-3)
+  >>> state = opt.init(params)
+  >>> grads = {"w": jnp.ones((128, 128))}
+  >>> updates, state = opt.update(grads, state, params)
+  >>> params = optax.apply_updates(params, updates)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optax
+from optax import contrib
+
+from effjax.optim.quantize_state import quantize_state
+
+__all__ = [
+    "scale_by_adam_8bit", "adam_8bit", "adamw_8bit", "lion_8bit", "sgd_8bit", "rmsprop_8bit",
+    "adagrad_8bit", "ademamix_8bit", "adam_4bit", "adamw_4bit",
+]
+
+_B8 = dict(bits=8, block_size=256)
+_B4 = dict(bits=4, block_size=128)
+
+
+def _q(inner, cfg, block_size, min_quantized_size):
+    return quantize_state(inner, bits=cfg["bits"],
+                          block_size=cfg["block_size"] if block_size is None else block_size,
+                          min_quantized_size=min_quantized_size)
+
+
+def scale_by_adam_8bit(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, *, block_size=None,
+                       min_quantized_size=4096) -> optax.GradientTransformationExtraArgs:
+    """``optax.scale_by_adam`` with 8-bit moments (Dettmers et al. 2022, Algorithm 1).
+
+    ``m_t = b1 m + (1-b1) g``, ``v_t = b2 v + (1-b2) g^2``,
+    ``u_t = (m_t / (1-b1^t)) / (sqrt(v_t / (1-b2^t) + eps_root) + eps)``; ``m_t``, ``v_t`` stored
+    as 8-bit codes with a float32 absmax per 256 elements.
+    """
+    return _q(optax.scale_by_adam(b1, b2, eps, eps_root), _B8, block_size, min_quantized_size)
+
+
+def adam_8bit(learning_rate: optax.ScalarOrSchedule, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0,
+              *, nesterov=False, block_size=None, min_quantized_size=4096):
+    """``optax.adam`` with 8-bit states (bitsandbytes' ``Adam8bit``)."""
+    return _q(optax.adam(learning_rate, b1, b2, eps, eps_root, nesterov=nesterov), _B8,
+              block_size, min_quantized_size)
+
+
+def adamw_8bit(learning_rate: optax.ScalarOrSchedule, b1=0.9, b2=0.999, eps=1e-8,
+               eps_root=0.0, weight_decay=1e-4, mask: Any = None, *, nesterov=False,
+               block_size=None, min_quantized_size=4096):
+    """``optax.adamw`` with 8-bit states (bitsandbytes' ``AdamW8bit``; note optax's default
+    ``weight_decay=1e-4`` where bitsandbytes uses 1e-2)."""
+    return _q(optax.adamw(learning_rate, b1, b2, eps, eps_root, weight_decay=weight_decay,
+                          mask=mask, nesterov=nesterov), _B8, block_size, min_quantized_size)
+
+
+def lion_8bit(learning_rate: optax.ScalarOrSchedule, b1=0.9, b2=0.99, weight_decay=1e-3,
+              mask: Any = None, *, block_size=None, min_quantized_size=4096):
+    """``optax.lion`` (Chen et al. 2023) with an 8-bit momentum (bitsandbytes' ``Lion8bit``):
+    ``u = sign(b1 m + (1-b1) g)``, ``m_t = b2 m + (1-b2) g``."""
+    return _q(optax.lion(learning_rate, b1, b2, weight_decay=weight_decay, mask=mask), _B8,
+              block_size, min_quantized_size)
+
+
+def sgd_8bit(learning_rate: optax.ScalarOrSchedule, momentum=0.9, nesterov=False, *,
+             block_size=None, min_quantized_size=4096):
+    """``optax.sgd`` with an 8-bit momentum buffer (bitsandbytes' ``SGD8bit``):
+    ``m_t = momentum * m + g``, ``u = -lr m_t``. ``momentum`` must be positive (plain SGD has
+    no state to quantize)."""
+    if momentum is None or (isinstance(momentum, (int, float)) and momentum <= 0):
+        raise ValueError(f"sgd_8bit needs momentum > 0, got {momentum!r}")
+    return _q(optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov), _B8, block_size,
+              min_quantized_size)
+
+
+def rmsprop_8bit(learning_rate: optax.ScalarOrSchedule, decay=0.9, eps=1e-8, initial_scale=0.0,
+                 eps_in_sqrt=True, centered=False, momentum=None, nesterov=False, *,
+                 block_size=None, min_quantized_size=4096):
+    """``optax.rmsprop`` with 8-bit states (bitsandbytes' ``RMSprop8bit``):
+    ``v_t = decay v + (1-decay) g^2``, ``u = g / sqrt(v_t + eps)`` (``eps_in_sqrt``)."""
+    return _q(optax.rmsprop(learning_rate, decay, eps, initial_scale, eps_in_sqrt, centered,
+                            momentum, nesterov), _B8, block_size, min_quantized_size)
+
+
+def adagrad_8bit(learning_rate: optax.ScalarOrSchedule, initial_accumulator_value=0.1,
+                 eps=1e-7, *, block_size=None, min_quantized_size=4096):
+    """``optax.adagrad`` with an 8-bit accumulator (bitsandbytes' ``Adagrad8bit``):
+    ``s_t = s + g^2``, ``u = g / sqrt(s_t + eps)``."""
+    return _q(optax.adagrad(learning_rate, initial_accumulator_value, eps), _B8, block_size,
+              min_quantized_size)
+
+
+def ademamix_8bit(learning_rate: optax.ScalarOrSchedule, b1=0.9, b2=0.999, b3=0.9999,
+                  alpha=5.0, b3_scheduler=None, alpha_scheduler=None, eps=1e-8,
+                  weight_decay=0.0, mask: Any = None, *, block_size=None,
+                  min_quantized_size=4096):
+    """``optax.contrib.ademamix`` (Pagliardini et al. 2024) with 8-bit ``m1``, ``m2``, ``nu``
+    (bitsandbytes' ``AdEMAMix8bit``)."""
+    return _q(contrib.ademamix(learning_rate, b1, b2, b3, alpha, b3_scheduler, alpha_scheduler,
+                               eps, weight_decay=weight_decay, mask=mask), _B8, block_size,
+              min_quantized_size)
+
+
+def adam_4bit(learning_rate: optax.ScalarOrSchedule, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0,
+              *, block_size=None, min_quantized_size=4096):
+    """``optax.adam`` with 4-bit states (Li et al. 2023; torchao's ``Adam4bit``)."""
+    return _q(optax.adam(learning_rate, b1, b2, eps, eps_root), _B4, block_size,
+              min_quantized_size)
+
+
+def adamw_4bit(learning_rate: optax.ScalarOrSchedule, b1=0.9, b2=0.999, eps=1e-8,
+               eps_root=0.0, weight_decay=1e-4, mask: Any = None, *, block_size=None,
+               min_quantized_size=4096):
+    """``optax.adamw`` with 4-bit states (torchao's ``AdamW4bit``)."""
+    return _q(optax.adamw(learning_rate, b1, b2, eps, eps_root, weight_decay=weight_decay,
+                          mask=mask), _B4, block_size, min_quantized_size)

@@ -1,0 +1,32 @@
+"""effjax.quant: number formats (codebooks) and block-wise quantization.
+
+The shared numeric core of effjax; optimizers, weight quantization and kernels build on it.
+"""
+
+from effjax.quant.blockwise import (
+    QuantizedArray,
+    block_layout,
+    dequantize_blockwise,
+    quantize_blockwise,
+)
+from effjax.quant.codebooks import (
+    adam4bit_first_moment_codebook,
+    adam4bit_second_moment_codebook,
+    dynamic_codebook,
+    fp4_codebook,
+    linear_codebook,
+    nf4_codebook,
+)
+
+__all__ = [
+    "QuantizedArray",
+    "block_layout",
+    "dequantize_blockwise",
+    "quantize_blockwise",
+    "adam4bit_first_moment_codebook",
+    "adam4bit_second_moment_codebook",
+    "dynamic_codebook",
+    "fp4_codebook",
+    "linear_codebook",
+    "nf4_codebook",
+]
