@@ -18,8 +18,8 @@ def check_quant_args(*, bits, block_size, min_quantized_size) -> None:
         if bits == 4 and block_size % 2:
             raise ValueError(f"4-bit states pack two codes a byte: block_size must be even, "
                              f"got {block_size}")
-    if (not isinstance(min_quantized_size, (int, np.integer)) or isinstance(min_quantized_size, bool)
-            or min_quantized_size < 0):
+    if (not isinstance(min_quantized_size, (int, np.integer))
+            or isinstance(min_quantized_size, bool) or min_quantized_size < 0):
         raise ValueError(f"min_quantized_size must be an int >= 0, got {min_quantized_size!r}")
 
 

@@ -1,4 +1,4 @@
-"""Block-wise quantization: ``QuantizedArray`` and ``quantize_blockwise`` / ``dequantize_blockwise``.
+"""Block-wise quantization: ``QuantizedArray``, ``quantize_blockwise``, ``dequantize_blockwise``.
 
 A tensor is cut into blocks of ``block_size`` consecutive elements; each block stores its
 ``absmax = max |x|`` in float32 and each element the code of the codebook value nearest to
