@@ -111,14 +111,13 @@ def adagrad_8bit(learning_rate: optax.ScalarOrSchedule, initial_accumulator_valu
 
 
 def ademamix_8bit(learning_rate: optax.ScalarOrSchedule, b1=0.9, b2=0.999, b3=0.9999,
-                  alpha=5.0, b3_scheduler=None, alpha_scheduler=None, eps=1e-8,
-                  weight_decay=0.0, mask: Any = None, *, block_size=None,
-                  min_quantized_size=4096):
+                  alpha=5.0, eps=1e-8, eps_root=0.0, weight_decay=0.0, mask: Any = None, *,
+                  block_size=None, min_quantized_size=4096):
     """``optax.contrib.ademamix`` (Pagliardini et al. 2024) with 8-bit ``m1``, ``m2``, ``nu``
-    (bitsandbytes' ``AdEMAMix8bit``)."""
-    return _q(contrib.ademamix(learning_rate, b1, b2, b3, alpha, b3_scheduler, alpha_scheduler,
-                               eps, weight_decay=weight_decay, mask=mask), _B8, block_size,
-              min_quantized_size)
+    (bitsandbytes' ``AdEMAMix8bit``); ``b3`` and ``alpha`` may be schedules, as in optax."""
+    return _q(contrib.ademamix(learning_rate, b1=b1, b2=b2, b3=b3, alpha=alpha, eps=eps,
+                               eps_root=eps_root, weight_decay=weight_decay, mask=mask), _B8,
+              block_size, min_quantized_size)
 
 
 def adam_4bit(learning_rate: optax.ScalarOrSchedule, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0,

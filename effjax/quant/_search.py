@@ -9,8 +9,11 @@ Small codebooks (``K <= 16``) count the thresholds directly (``K - 1`` vector co
 ones use a bucket table keyed on the float's bits: the top ``m`` mantissa bits and the exponent
 of ``|y|`` (plus the sign) pick a bucket that holds at most one threshold, so one table row
 ``(count of thresholds below the bucket, the threshold inside it)`` and one compare give the
-count. ``m`` is the smallest width for which that holds; for the 8-bit dynamic map the table
-has a few thousand rows and stays in L1 cache.
+count. ``m`` is the smallest width for which that holds.
+
+The 8-bit dynamic maps skip tables altogether (``_dynamic_map``): on CPU a gather costs about
+20x a vectorized arithmetic op, and these searches dominate a low-bit optimizer step. Small
+codebooks (16 values) decode with a chain of selects for the same reason.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from effjax.quant import _dynamic_map
 
 _DIRECT_MAX = 16
 
@@ -99,10 +104,7 @@ def _bucket_table(values: tuple[float, ...], mode: str) -> _BucketTable:
     raise ValueError("codebook thresholds are too close together for a bucket table")
 
 
-def sorted_index(y: jax.Array, values: tuple[float, ...], mode: str = "nearest") -> jax.Array:
-    """Index into the sorted codebook ``values``: nearest code (``mode='nearest'``, ties up)
-    or the largest code ``<= y`` (``mode='floor'``, clamped to 0). ``y`` is float32; the
-    result is int32. NaN maps to an arbitrary valid index."""
+def _table_index(y: jax.Array, values: tuple[float, ...], mode: str) -> jax.Array:
     if len(values) <= _DIRECT_MAX:
         t = _thresholds(np.asarray(values, np.float32), mode)
         idx = jnp.zeros(y.shape, jnp.int32)
@@ -116,3 +118,77 @@ def sorted_index(y: jax.Array, values: tuple[float, ...], mode: str = "nearest")
     q = q + jnp.where(bits < 0, table.buckets, 0)
     row = jnp.asarray(table.rows).at[q].get(mode="promise_in_bounds")
     return row[..., 0].astype(jnp.int32) + (y >= row[..., 1]).astype(jnp.int32)
+
+
+def _values_select(idx: jax.Array, values) -> jax.Array:
+    out = jnp.full(idx.shape, np.float32(values[0]), jnp.float32)
+    for c in range(1, len(values)):
+        out = jnp.where(idx == c, np.float32(values[c]), out)
+    return out
+
+
+def sorted_value(idx: jax.Array, sorted_values: tuple[float, ...]) -> jax.Array:
+    """``sorted_values[idx]`` (float32) for int32 ``idx``; gather-free where possible."""
+    kind = _dynamic_map.kind_of(sorted_values)
+    if kind is not None:
+        return _dynamic_map.decode(idx, kind)
+    if len(sorted_values) <= _DIRECT_MAX:
+        return _values_select(idx, sorted_values)
+    table = jnp.asarray(np.asarray(sorted_values, np.float32))
+    return table.at[idx].get(mode="promise_in_bounds")
+
+
+def nearest_sorted(y: jax.Array, sorted_values: tuple[float, ...]) -> jax.Array:
+    """Index (int32) of the value of ``sorted_values`` nearest to float32 ``y`` (ties go to the
+    larger value). NaN maps to an arbitrary valid index."""
+    kind = _dynamic_map.kind_of(sorted_values)
+    if kind is not None:
+        return _dynamic_map.nearest(y, kind)
+    return _table_index(y, sorted_values, "nearest")
+
+
+def floor_sorted(y: jax.Array, sorted_values: tuple[float, ...]) -> jax.Array:
+    """Index of the largest value ``<= y`` (0 below the smallest value)."""
+    idx = nearest_sorted(y, sorted_values)
+    return jnp.maximum(idx - (sorted_value(idx, sorted_values) > y).astype(jnp.int32), 0)
+
+
+def value_at(codes: jax.Array, values: tuple[float, ...]) -> jax.Array:
+    """``values[codes]`` as float32 (codes in the codebook's own order)."""
+    order = _order(values)
+    if order is None:
+        return sorted_value(codes.astype(jnp.int32), values)
+    if len(values) <= _DIRECT_MAX:
+        return _values_select(codes.astype(jnp.int32), values)
+    table = jnp.asarray(np.asarray(values, np.float32))
+    return table.at[codes.astype(jnp.int32)].get(mode="promise_in_bounds")
+
+
+@functools.cache
+def _order(values: tuple[float, ...]):
+    """``(sorted_values, original index of each sorted position)``; None if already sorted."""
+    arr = np.asarray(values, np.float32)
+    order = np.argsort(arr, kind="stable")
+    if np.array_equal(order, np.arange(order.size)):
+        return None
+    return tuple(float(v) for v in arr[order]), tuple(int(i) for i in order)
+
+
+def to_codes(sorted_idx: jax.Array, values: tuple[float, ...]) -> jax.Array:
+    """Map sorted positions back to codes in the codebook's own order (int32)."""
+    order = _order(values)
+    if order is None:
+        return sorted_idx
+    if len(values) <= _DIRECT_MAX:
+        out = jnp.zeros(sorted_idx.shape, jnp.int32)
+        for pos, code in enumerate(order[1]):
+            if code:
+                out = jnp.where(sorted_idx == pos, code, out)
+        return out
+    return jnp.asarray(np.asarray(order[1], np.int32)).at[sorted_idx].get(
+        mode="promise_in_bounds")
+
+
+def sorted_values_of(values: tuple[float, ...]) -> tuple[float, ...]:
+    order = _order(values)
+    return values if order is None else order[0]

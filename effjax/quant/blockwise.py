@@ -204,8 +204,7 @@ def quantize_blockwise(
     _check_args(x, block_size, rounding, key)
     values = _as_codebook(codebook)
     bits = _bits_for(len(values))
-    order = np.argsort(np.asarray(values, np.float32), kind="stable")
-    sorted_values = tuple(float(v) for v in np.asarray(values, np.float32)[order])
+    sorted_values = _search.sorted_values_of(values)
 
     xb, lead, length = _blocks(x.astype(jnp.float32), int(block_size))
     absmax = jnp.max(jnp.abs(xb), axis=-1)
@@ -213,18 +212,17 @@ def quantize_blockwise(
     inv = jnp.where(absmax > 0, 1.0 / absmax, 0.0)
     y = xb * inv[..., None]
     if rounding == "nearest":
-        idx = _search.sorted_index(y, sorted_values, "nearest")
+        idx = _search.nearest_sorted(y, sorted_values)
     else:
-        lo = _search.sorted_index(y, sorted_values, "floor")
-        table = jnp.asarray(np.asarray(sorted_values, np.float32))
+        lo = _search.floor_sorted(y, sorted_values)
         hi = jnp.minimum(lo + 1, len(values) - 1)
-        v_lo, v_hi = table[lo], table[hi]
+        v_lo = _search.sorted_value(lo, sorted_values)
+        v_hi = _search.sorted_value(hi, sorted_values)
         gap = v_hi - v_lo
         p_up = jnp.where(gap > 0, jnp.clip((y - v_lo) / jnp.where(gap > 0, gap, 1.0), 0, 1), 0)
         up = jax.random.uniform(key, y.shape) < p_up
         idx = jnp.where(up, hi, lo)
-    if not np.array_equal(order, np.arange(order.size)):
-        idx = jnp.asarray(order.astype(np.int32))[idx]
+    idx = _search.to_codes(idx, values)
     codes = _unblocks(idx.astype(jnp.uint8), lead, length, x.shape)
     if bits == 4:
         codes = _pack4(codes)
@@ -247,8 +245,7 @@ def dequantize_blockwise(q: QuantizedArray) -> jax.Array:
     codes = q.codes
     if q.bits == 4:
         codes = _unpack4(codes, q.shape[-1])
-    table = jnp.asarray(np.asarray(q.codebook, np.float32))
-    vals = table.at[codes.astype(jnp.int32)].get(mode="promise_in_bounds")
+    vals = _search.value_at(codes, q.codebook)
     vb, lead, length = _blocks(vals, q.block_size)
     out = vb * q.absmax[..., None]
     return _unblocks(out, lead, length, q.shape).astype(q.dtype)

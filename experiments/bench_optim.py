@@ -1,0 +1,232 @@
+"""Optimizer-state memory and step time of effjax's low-bit optimizers vs ``optax.adamw``.
+
+For transformer-shaped parameter trees of about 1M, 10M and 50M parameters this prints, per
+optimizer: state bytes per parameter and the jitted step time (update + apply, params and state
+donated, as in a training loop) as a ratio to ``optax.adamw`` measured in the same run. For
+reference it also times the CPU peers on the same shapes: torch's fp32 AdamW, bitsandbytes'
+``AdamW8bit`` (native CPU kernel) and torchao's ``AdamW8bit`` / ``AdamW4bit`` (torch.compile),
+each as a ratio to torch's AdamW.
+
+Run:  python -m experiments.bench_optim            (full, ~10 min on 2 CPU cores)
+      python -m experiments.bench_optim --quick    (tiny tree, seconds; run by the tests)
+Writes experiments/results/bench_optim.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from effjax import optim
+
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+
+SIZES = {  # name: (vocab, d_model, layers, heads)
+    "1M": (256, 128, 5, 4),
+    "10M": (2048, 256, 12, 4),
+    "50M": (8192, 512, 15, 8),
+}
+
+
+def transformer_tree(vocab, d, layers, heads, key=0):
+    """Flax-Linen-shaped decoder params: attention kernels are (d, heads, head_dim)."""
+    hd = d // heads
+    shapes = {"embed": {"embedding": (vocab, d)}, "ln_f": {"scale": (d,), "bias": (d,)}}
+    for i in range(layers):
+        shapes[f"block_{i}"] = {
+            "ln_1": {"scale": (d,), "bias": (d,)},
+            "attn": {"query": {"kernel": (d, heads, hd)}, "key": {"kernel": (d, heads, hd)},
+                     "value": {"kernel": (d, heads, hd)}, "out": {"kernel": (heads, hd, d)}},
+            "ln_2": {"scale": (d,), "bias": (d,)},
+            "mlp": {"up": {"kernel": (d, 4 * d), "bias": (4 * d,)},
+                    "down": {"kernel": (4 * d, d), "bias": (d,)}},
+        }
+    leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda s: isinstance(s, tuple))
+    keys = jax.random.split(jax.random.PRNGKey(key), len(leaves))
+    arrays = [jax.random.normal(k, s, jnp.float32) * 0.02 for k, s in zip(keys, leaves)]
+    return jax.tree.unflatten(treedef, arrays)
+
+
+def optimizers():
+    lr = 1e-3
+    return {
+        "optax.adamw": optax.adamw(lr),
+        "adamw_8bit": optim.adamw_8bit(lr),
+        "adamw_4bit": optim.adamw_4bit(lr),
+        "lion_8bit": optim.lion_8bit(lr),
+        "sgd_8bit": optim.sgd_8bit(lr),
+        "rmsprop_8bit": optim.rmsprop_8bit(lr),
+        "adagrad_8bit": optim.adagrad_8bit(lr),
+        "ademamix_8bit": optim.ademamix_8bit(lr),
+    }
+
+
+def time_jax(opt, params, grads, reps):
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(p, s, g):
+        u, s = opt.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    p = jax.tree.map(jnp.copy, params)
+    s = opt.init(p)
+    nbytes = optim.state_bytes(s)
+    p, s = step(p, s, grads)  # compile + first step
+    jax.block_until_ready((p, s))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        p, s = step(p, s, grads)
+        jax.block_until_ready((p, s))
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)), nbytes
+
+
+def time_torch(params, grads, reps):
+    """Median step seconds of the CPU peers on the same shapes (None when unavailable)."""
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    out = {}
+    leaves = [np.asarray(x) for x in jax.tree.leaves(params)]
+    gleaves = [np.asarray(x) for x in jax.tree.leaves(grads)]
+    peers = {"torch.AdamW": lambda ps: torch.optim.AdamW(ps, lr=1e-3)}
+    try:
+        import bitsandbytes as bnb
+        peers["bnb.AdamW8bit"] = lambda ps: bnb.optim.AdamW8bit(ps, lr=1e-3)
+    except Exception as e:  # noqa: BLE001 - report, do not hide
+        print(f"bitsandbytes unavailable: {e}")
+    try:
+        import torchao.optim as tao
+        peers["torchao.AdamW8bit"] = lambda ps: tao.AdamW8bit(ps, lr=1e-3)
+        peers["torchao.AdamW4bit"] = lambda ps: tao.AdamW4bit(ps, lr=1e-3)
+    except Exception as e:  # noqa: BLE001
+        print(f"torchao unavailable: {e}")
+    for name, make in peers.items():
+        try:
+            ps = [torch.nn.Parameter(torch.from_numpy(x.copy())) for x in leaves]
+            for p, g in zip(ps, gleaves):
+                p.grad = torch.from_numpy(g.copy())
+            opt = make(ps)
+            opt.step()
+            opt.step()
+            times = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                opt.step()
+                times.append(time.perf_counter() - t0)
+            out[name] = float(np.median(times))
+        except Exception as e:  # noqa: BLE001
+            print(f"{name} failed on CPU: {type(e).__name__}: {str(e)[:200]}")
+            out[name] = None
+    return out
+
+
+def run(sizes, reps, peers=True):
+    rows = []
+    for size in sizes:
+        vocab, d, layers, heads = SIZES[size] if size in SIZES else size
+        size = size if size in SIZES else "x".join(map(str, size))
+        params = transformer_tree(vocab, d, layers, heads)
+        n = sum(x.size for x in jax.tree.leaves(params))
+        grads = jax.tree.map(lambda x: x * 0.01 + 1e-4, params)
+        base = None
+        for name, opt in optimizers().items():
+            secs, nbytes = time_jax(opt, params, grads, reps)
+            base = secs if name == "optax.adamw" else base
+            rows.append(dict(size=str(size), params=n, optimizer=name, kind="jax",
+                             bytes_per_param=nbytes / n, step_ms=secs * 1e3,
+                             ratio=secs / base))
+            print(f"{size:>5} {name:18s} {nbytes / n:6.3f} B/param  {secs * 1e3:9.2f} ms  "
+                  f"{secs / base:5.2f}x adamw", flush=True)
+        if peers:
+            tt = time_torch(params, grads, reps)
+            tbase = tt.get("torch.AdamW")
+            for name, secs in tt.items():
+                if secs is None:
+                    continue
+                rows.append(dict(size=str(size), params=n, optimizer=name, kind="torch",
+                                 bytes_per_param=None, step_ms=secs * 1e3,
+                                 ratio=secs / tbase if tbase else None))
+                print(f"{size:>5} {name:18s}   (peer)      {secs * 1e3:9.2f} ms  "
+                      f"{secs / tbase:5.2f}x torch AdamW", flush=True)
+    return rows
+
+
+def to_markdown(rows, meta):
+    lines = [f"Machine: {meta['machine']}; jax {meta['jax']} on {meta['device']}; "
+             f"command: `{meta['command']}`", "",
+             "| size | params | optimizer | state B/param | step ms | ratio |",
+             "| --- | ---: | --- | ---: | ---: | ---: |"]
+    for r in rows:
+        bpp = "" if r["bytes_per_param"] is None else f"{r['bytes_per_param']:.3f}"
+        base = "adamw" if r["kind"] == "jax" else "torch AdamW"
+        ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}x {base}"
+        lines.append(f"| {r['size']} | {r['params']:,} | {r['optimizer']} | {bpp} | "
+                     f"{r['step_ms']:.2f} | {ratio} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    jrows = [r for r in rows if r["kind"] == "jax"]
+    sizes = sorted({r["size"] for r in jrows}, key=lambda s: [r["params"] for r in jrows
+                                                              if r["size"] == s][0])
+    names = list(dict.fromkeys(r["optimizer"] for r in jrows))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    width = 0.8 / len(names)
+    for k, name in enumerate(names):
+        vals = [next(r for r in jrows if r["size"] == s and r["optimizer"] == name)
+                for s in sizes]
+        xs = np.arange(len(sizes)) + k * width
+        axes[0].bar(xs, [v["bytes_per_param"] for v in vals], width, label=name)
+        axes[1].bar(xs, [v["ratio"] for v in vals], width, label=name)
+    for ax, title in zip(axes, ["state bytes / param", "step time / optax.adamw"]):
+        ax.set_xticks(np.arange(len(sizes)) + 0.4 - width / 2)
+        ax.set_xticklabels(sizes)
+        ax.set_title(title)
+    axes[1].axhline(3.0, color="k", ls="--", lw=0.8)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny tree, 2 repetitions")
+    ap.add_argument("--sizes", default="1M,10M,50M")
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--out", default=RESULTS)
+    args = ap.parse_args(argv)
+    sizes = [(64, 64, 2, 2)] if args.quick else args.sizes.split(",")
+    rows = run(sizes, 2 if args.quick else args.reps, peers=not args.no_peers)
+    meta = dict(machine=f"{platform.machine()} {os.cpu_count()} cores",
+                jax=jax.__version__, device=str(jax.devices()[0].device_kind),
+                command="python -m experiments.bench_optim" + (" --quick" if args.quick else ""))
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, "bench_optim" + ("_quick" if args.quick else ""))
+    with open(stem + ".json", "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    md = to_markdown(rows, meta)
+    with open(stem + ".md", "w") as f:
+        f.write(md)
+    plot(rows, stem + ".png")
+    print(md)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,21 @@
+"""The benchmark's --quick mode runs end to end and reports what it claims to measure."""
+
+import json
+
+from experiments import bench_optim
+
+
+def test_bench_optim_quick(tmp_path):
+    rows = bench_optim.main(["--quick", "--no-peers", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "bench_optim_quick.json").read_text())
+    assert (tmp_path / "bench_optim_quick.png").stat().st_size > 0
+    assert "| optimizer |" in (tmp_path / "bench_optim_quick.md").read_text()
+    by_name = {r["optimizer"]: r for r in data["rows"]}
+    assert len(rows) == len(by_name) == len(bench_optim.optimizers())
+    assert by_name["optax.adamw"]["ratio"] == 1.0
+    # two float32 moments plus the int32 step counter
+    assert abs(by_name["optax.adamw"]["bytes_per_param"] - 8.0) < 1e-3
+    # The quick tree's leaves are small, so some stay float32; still far below 8 bytes.
+    assert by_name["adamw_8bit"]["bytes_per_param"] < 2.2
+    assert by_name["adamw_4bit"]["bytes_per_param"] < by_name["adamw_8bit"]["bytes_per_param"]
+    assert all(r["step_ms"] > 0 for r in data["rows"])
