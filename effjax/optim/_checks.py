@@ -9,6 +9,13 @@ import numpy as np
 
 def check_quant_args(*, bits, block_size, min_quantized_size) -> None:
     """Raise ``ValueError`` for settings no low-bit state can have."""
+    for name, value in (("bits", bits), ("block_size", block_size),
+                        ("min_quantized_size", min_quantized_size)):
+        if isinstance(value, jax.Array):
+            raise ValueError(
+                f"{name} must be a Python int (it fixes array shapes), got an array; with "
+                f"optax.inject_hyperparams pass static_args=('block_size', "
+                f"'min_quantized_size') or leave them at their None defaults")
     if isinstance(bits, bool) or bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits!r}")
     if block_size is not None:

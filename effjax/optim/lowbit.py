@@ -4,8 +4,10 @@ Each alias is ``quantize_state(optax.<name>(...))``: the optax optimizer with th
 names, defaults and update rule, whose moments are stored block-wise in 8 bits (bitsandbytes'
 format: block 256, signed dynamic map for first moments, unsigned dynamic map for second
 moments) or 4 bits (torchao's format: block 128, 4-bit dynamic map for the first moment, linear
-map without zero for the second). Tensors with fewer than ``min_quantized_size`` (4096)
-elements keep float32 state, as in both anchors. See :func:`effjax.optim.quantize_state` for the
+map without zero for the second). Tensors with fewer than ``min_quantized_size`` (default
+``None``: 4096) elements keep float32 state, as in both anchors. ``block_size`` and
+``min_quantized_size`` are static: with ``optax.inject_hyperparams`` leave them at ``None`` or
+list them in ``static_args``. See :func:`effjax.optim.quantize_state` for the
 non-finite-gradient rule.
 
 Semantics match the anchors: the update uses the new float32 moments before they are
@@ -42,13 +44,16 @@ _B4 = dict(bits=4, block_size=128)
 
 
 def _q(inner, cfg, block_size, min_quantized_size):
+    # ``None`` defaults keep these static under ``optax.inject_hyperparams``, which turns
+    # every numeric argument into an array hyper-parameter.
     return quantize_state(inner, bits=cfg["bits"],
                           block_size=cfg["block_size"] if block_size is None else block_size,
-                          min_quantized_size=min_quantized_size)
+                          min_quantized_size=(4096 if min_quantized_size is None
+                                              else min_quantized_size))
 
 
 def scale_by_adam_8bit(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, *, block_size=None,
-                       min_quantized_size=4096) -> optax.GradientTransformationExtraArgs:
+                       min_quantized_size=None) -> optax.GradientTransformationExtraArgs:
     """``optax.scale_by_adam`` with 8-bit moments (Dettmers et al. 2022, Algorithm 1).
 
     ``m_t = b1 m + (1-b1) g``, ``v_t = b2 v + (1-b2) g^2``,
@@ -59,7 +64,7 @@ def scale_by_adam_8bit(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, *, block_size=N
 
 
 def adam_8bit(learning_rate: optax.ScalarOrSchedule, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0,
-              *, nesterov=False, block_size=None, min_quantized_size=4096):
+              *, nesterov=False, block_size=None, min_quantized_size=None):
     """``optax.adam`` with 8-bit states (bitsandbytes' ``Adam8bit``)."""
     return _q(optax.adam(learning_rate, b1, b2, eps, eps_root, nesterov=nesterov), _B8,
               block_size, min_quantized_size)
@@ -67,7 +72,7 @@ def adam_8bit(learning_rate: optax.ScalarOrSchedule, b1=0.9, b2=0.999, eps=1e-8,
 
 def adamw_8bit(learning_rate: optax.ScalarOrSchedule, b1=0.9, b2=0.999, eps=1e-8,
                eps_root=0.0, weight_decay=1e-4, mask: Any = None, *, nesterov=False,
-               block_size=None, min_quantized_size=4096):
+               block_size=None, min_quantized_size=None):
     """``optax.adamw`` with 8-bit states (bitsandbytes' ``AdamW8bit``; note optax's default
     ``weight_decay=1e-4`` where bitsandbytes uses 1e-2)."""
     return _q(optax.adamw(learning_rate, b1, b2, eps, eps_root, weight_decay=weight_decay,
@@ -75,7 +80,7 @@ def adamw_8bit(learning_rate: optax.ScalarOrSchedule, b1=0.9, b2=0.999, eps=1e-8
 
 
 def lion_8bit(learning_rate: optax.ScalarOrSchedule, b1=0.9, b2=0.99, weight_decay=1e-3,
-              mask: Any = None, *, block_size=None, min_quantized_size=4096):
+              mask: Any = None, *, block_size=None, min_quantized_size=None):
     """``optax.lion`` (Chen et al. 2023) with an 8-bit momentum (bitsandbytes' ``Lion8bit``):
     ``u = sign(b1 m + (1-b1) g)``, ``m_t = b2 m + (1-b2) g``."""
     return _q(optax.lion(learning_rate, b1, b2, weight_decay=weight_decay, mask=mask), _B8,
@@ -83,7 +88,7 @@ def lion_8bit(learning_rate: optax.ScalarOrSchedule, b1=0.9, b2=0.99, weight_dec
 
 
 def sgd_8bit(learning_rate: optax.ScalarOrSchedule, momentum=0.9, nesterov=False, *,
-             block_size=None, min_quantized_size=4096):
+             block_size=None, min_quantized_size=None):
     """``optax.sgd`` with an 8-bit momentum buffer (bitsandbytes' ``SGD8bit``):
     ``m_t = momentum * m + g``, ``u = -lr m_t``. ``momentum`` must be positive (plain SGD has
     no state to quantize)."""
@@ -95,7 +100,7 @@ def sgd_8bit(learning_rate: optax.ScalarOrSchedule, momentum=0.9, nesterov=False
 
 def rmsprop_8bit(learning_rate: optax.ScalarOrSchedule, decay=0.9, eps=1e-8, initial_scale=0.0,
                  eps_in_sqrt=True, centered=False, momentum=None, nesterov=False, *,
-                 block_size=None, min_quantized_size=4096):
+                 block_size=None, min_quantized_size=None):
     """``optax.rmsprop`` with 8-bit states (bitsandbytes' ``RMSprop8bit``):
     ``v_t = decay v + (1-decay) g^2``, ``u = g / sqrt(v_t + eps)`` (``eps_in_sqrt``)."""
     return _q(optax.rmsprop(learning_rate, decay, eps, initial_scale, eps_in_sqrt, centered,
@@ -103,7 +108,7 @@ def rmsprop_8bit(learning_rate: optax.ScalarOrSchedule, decay=0.9, eps=1e-8, ini
 
 
 def adagrad_8bit(learning_rate: optax.ScalarOrSchedule, initial_accumulator_value=0.1,
-                 eps=1e-7, *, block_size=None, min_quantized_size=4096):
+                 eps=1e-7, *, block_size=None, min_quantized_size=None):
     """``optax.adagrad`` with an 8-bit accumulator (bitsandbytes' ``Adagrad8bit``):
     ``s_t = s + g^2``, ``u = g / sqrt(s_t + eps)``."""
     return _q(optax.adagrad(learning_rate, initial_accumulator_value, eps), _B8, block_size,
@@ -112,7 +117,7 @@ def adagrad_8bit(learning_rate: optax.ScalarOrSchedule, initial_accumulator_valu
 
 def ademamix_8bit(learning_rate: optax.ScalarOrSchedule, b1=0.9, b2=0.999, b3=0.9999,
                   alpha=5.0, eps=1e-8, eps_root=0.0, weight_decay=0.0, mask: Any = None, *,
-                  block_size=None, min_quantized_size=4096):
+                  block_size=None, min_quantized_size=None):
     """``optax.contrib.ademamix`` (Pagliardini et al. 2024) with 8-bit ``m1``, ``m2``, ``nu``
     (bitsandbytes' ``AdEMAMix8bit``); ``b3`` and ``alpha`` may be schedules, as in optax."""
     return _q(contrib.ademamix(learning_rate, b1=b1, b2=b2, b3=b3, alpha=alpha, eps=eps,
@@ -121,7 +126,7 @@ def ademamix_8bit(learning_rate: optax.ScalarOrSchedule, b1=0.9, b2=0.999, b3=0.
 
 
 def adam_4bit(learning_rate: optax.ScalarOrSchedule, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0,
-              *, block_size=None, min_quantized_size=4096):
+              *, block_size=None, min_quantized_size=None):
     """``optax.adam`` with 4-bit states (Li et al. 2023; torchao's ``Adam4bit``)."""
     return _q(optax.adam(learning_rate, b1, b2, eps, eps_root), _B4, block_size,
               min_quantized_size)
@@ -129,7 +134,7 @@ def adam_4bit(learning_rate: optax.ScalarOrSchedule, b1=0.9, b2=0.999, eps=1e-8,
 
 def adamw_4bit(learning_rate: optax.ScalarOrSchedule, b1=0.9, b2=0.999, eps=1e-8,
                eps_root=0.0, weight_decay=1e-4, mask: Any = None, *, block_size=None,
-               min_quantized_size=4096):
+               min_quantized_size=None):
     """``optax.adamw`` with 4-bit states (torchao's ``AdamW4bit``)."""
     return _q(optax.adamw(learning_rate, b1, b2, eps, eps_root, weight_decay=weight_decay,
                           mask=mask), _B4, block_size, min_quantized_size)

@@ -21,8 +21,8 @@ own pattern.
 
 Non-finite gradients (bitsandbytes' rule): where an element of the incoming gradient is NaN or
 +-inf, the returned update for that element is 0 (the parameter does not move), and any
-non-finite element of the new state is stored as 0, so one bad element never turns its whole
-block's scale into NaN.
+non-finite element of the new state (of every floating state array, quantized or not) is stored
+as 0, so one bad element never turns its whole block's scale into NaN nor stays in the state.
 
 References: Dettmers et al., "8-bit Optimizers via Block-wise Quantization", ICLR 2022;
 Li et al., "Memory Efficient Optimizers with 4-bit States", NeurIPS 2023.
@@ -90,8 +90,10 @@ def _quantize_leaf(path, leaf, cfg: QuantizationConfig):
 
 
 def _requantize(old, new):
-    """Store ``new`` the way ``old`` was stored (same codebook and block size)."""
+    """Store ``new`` the way ``old`` was stored; non-finite moment elements become 0."""
     if not _is_q(old):
+        if isinstance(new, jax.Array) and new.ndim and jnp.issubdtype(new.dtype, jnp.floating):
+            return jnp.where(jnp.isfinite(new), new, jnp.zeros_like(new))
         return new
     finite = jnp.where(jnp.isfinite(new), new, jnp.zeros_like(new))
     return quantize_blockwise(finite, codebook=old.codebook, block_size=old.block_size)

@@ -33,7 +33,9 @@ _START32 = np.float32(0.1)
 _D32 = np.float32(np.float32(1.0) - _START32)  # float32(1 - 0.1), the linspace range
 _START_U = int(np.float64(_START32) * 2**31)  # 0.1f in units of 2**-31 (exact)
 _D_MANT = int(np.float64(_D32) * 2**24)  # _D32 = _D_MANT * 2**-24 (exact)
+_END0_U = 2**31 - _D_MANT * 2**7  # 1 - step * n in units of 2**-31, the same in every decade
 _SCALES = [np.float32(10.0 ** (i - 6)) for i in range(_DECADES)]
+_SCALES_2M32 = [np.float32(s * np.float32(2.0**-32)) for s in _SCALES]
 assert _START_U == np.float64(_START32) * 2**31 and _D_MANT == np.float64(_D32) * 2**24
 
 
@@ -58,31 +60,31 @@ def _select(i: jax.Array, table: list) -> jax.Array:
     return out
 
 
-def _lin(t: jax.Array, n: jax.Array, step_u: jax.Array) -> jax.Array:
-    """PyTorch's float32 linspace(0.1, 1, n + 1)[t] for ``t < n``, exactly.
+def _lin_u(t: jax.Array, half: jax.Array, step_u: jax.Array) -> jax.Array:
+    """PyTorch's float32 ``linspace(0.1, 1, n + 1)[t]`` for ``t < n``, in int32 fixed point.
 
-    int32 fixed point in units of 2**-31: ``0.1 + step * t`` stays below 2**30 and
-    ``1 - step * (n - t)`` is written ``(2**31 - 1 - step * (n - t)) + 1`` so that nothing
-    overflows; the int32-to-float32 conversion is the single rounding.
+    In units of 2**-31 the first half is ``0.1 + step * t`` and the second half
+    ``1 - step * (n - t) = (1 - step * n) + step * t``; ``step * n`` is the same constant
+    ``_D_MANT * 2**7`` in every decade, so both halves are one offset plus ``step * t`` and stay
+    below 2**31. The int32-to-float32 conversion is then the single rounding of the fma.
     """
-    first_half = t < jnp.right_shift(n + 1, 1)
-    up = _START_U + step_u * t
-    down = (2**31 - 1 - step_u * (n - t)) + 1
-    return jnp.where(first_half, up, down).astype(jnp.float32) * np.float32(2.0**-31)
+    return jnp.where(t < half, _START_U, _END0_U) + step_u * t
 
 
 def magnitude(p: jax.Array, k: int) -> jax.Array:
     """Value of magnitude index ``p`` (int32, ``-1 <= p <= top``): 0 for -1, 1.0 for top."""
     top = _top(k)
-    q = jnp.clip(p, 0, top - 1)
-    off = (q + 2**k).astype(jnp.float32)
-    ik = jnp.right_shift(jax.lax.bitcast_convert_type(off, jnp.int32), 23) - 127  # i + k
-    n = jnp.left_shift(1, ik)
-    j = q + 2**k - n
+    q = jnp.clip(p, 0, top - 1) + 2**k
+    ik = jnp.right_shift(jax.lax.bitcast_convert_type(q.astype(jnp.float32), jnp.int32), 23) - 127
+    n = jnp.left_shift(1, ik)  # codes in this decade; q - n is the position in it
+    j = q - n
+    half = jnp.right_shift(n + 1, 1)
     step_u = jnp.left_shift(_D_MANT, 7 - ik)
-    lin_hi = jnp.where(j + 1 == n, np.float32(1.0), _lin(j + 1, n, step_u))
-    mean = (_lin(j, n, step_u) + lin_hi) * np.float32(0.5)
-    value = _select(ik - k, _SCALES) * mean
+    lo = _lin_u(j, half, step_u).astype(jnp.float32)
+    hi = jnp.where(j + 1 == n, np.float32(2.0**31), _lin_u(j + 1, half, step_u).astype(jnp.float32))
+    # S_i * ((lo + hi) * 2**-31 * 0.5) == (S_i * 2**-32) * (lo + hi): power-of-two scalings
+    # are exact, so the value is rounded exactly as the table was built.
+    value = _select(ik - k, _SCALES_2M32) * (lo + hi)
     value = jnp.where(p < 0, np.float32(0.0), value)
     return jnp.where(p >= top, np.float32(1.0), value)
 
