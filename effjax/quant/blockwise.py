@@ -24,6 +24,7 @@ Layout (chosen so that a parameter's sharding applies to its codes and scales un
 Non-finite input: a block holding NaN or +-inf gets ``absmax = NaN``, so every element of that
 block dequantizes to NaN (loud, never a plausible wrong number); other blocks are unaffected.
 An all-zero block has ``absmax = 0`` and dequantizes to exact zeros whatever the codebook.
+Subnormal inputs count as zero on CPU (XLA flushes them), an absolute error below 2**-126.
 
 References: Dettmers et al., "8-bit Optimizers via Block-wise Quantization", ICLR 2022.
 """
@@ -209,8 +210,11 @@ def quantize_blockwise(
     xb, lead, length = _blocks(x.astype(jnp.float32), int(block_size))
     absmax = jnp.max(jnp.abs(xb), axis=-1)
     absmax = jnp.where(jnp.isfinite(absmax), absmax, jnp.nan)
-    inv = jnp.where(absmax > 0, 1.0 / absmax, 0.0)
-    y = xb * inv[..., None]
+    # 1/absmax is subnormal (flushed to 0 on CPU) above 2**126: pre-scale such blocks by 2**-4.
+    # For every other block pre == 1 and y == x * (1 / absmax), bitsandbytes' expression.
+    pre = jnp.where(absmax >= 2.0**125, np.float32(2.0**-4), np.float32(1.0))
+    inv = jnp.where(absmax > 0, 1.0 / (absmax * pre), 0.0)
+    y = (xb * pre[..., None]) * inv[..., None]
     if rounding == "nearest":
         idx = _search.nearest_sorted(y, sorted_values)
     else:
