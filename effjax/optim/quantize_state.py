@@ -163,9 +163,7 @@ def quantize_state(
         return jax.tree_util.tree_map_with_path(lambda p, x: _quantize_leaf(p, x, cfg), state)
 
     def update_fn(updates, state, params=None, **extra_args):
-        # The barrier makes XLA decode every code once and keep the float moments, instead of
-        # re-decoding them inside each consumer (the update, the block max, the re-encode).
-        float_state = jax.lax.optimization_barrier(_dequantize_tree(state))
+        float_state = _dequantize_tree(state)
         new_updates, new_float_state = inner.update(updates, float_state, params, **extra_args)
         new_state = jax.tree.map(_requantize, state, new_float_state, is_leaf=_is_q)
         new_updates = jax.tree.map(
