@@ -16,7 +16,7 @@ demo: $(STAMP)
 	$(BIN)/python -m experiments.demo_8bit
 
 test: $(STAMP)
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q -n 2 tests
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q -n 2 --doctest-modules effjax tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check effjax pallas_kernels experiments tests
