@@ -1,6 +1,9 @@
-"""effjax.data: offline data sets and a deterministic batch iterator (builders land with
-issue 3)."""
+"""effjax.data: offline data sets as TFDS builders (array_record, no TensorFlow) and a
+deterministic batch iterator. More builders land with issue 3."""
 
+from effjax.data._common import default_data_dir, to_arrays
 from effjax.data.batches import batches, num_batches
+from effjax.data.digits import Digits, load_digits_source
 
-__all__ = ["batches", "num_batches"]
+__all__ = ["batches", "num_batches", "Digits", "load_digits_source", "default_data_dir",
+           "to_arrays"]
