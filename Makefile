@@ -4,7 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+DEBIAN_CACHE := $(HOME)/.cache/effjax/debian
+FMNIST := $(DEBIAN_CACHE)/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
+
+.PHONY: demo test lint bench clean fashion-mnist
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -15,7 +18,16 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python -m experiments.demo_8bit
 
-test: $(STAMP)
+# Offline data from Debian packages, unpacked without root into a cache folder.
+$(FMNIST):
+	mkdir -p $(DEBIAN_CACHE)/debs
+	cd $(DEBIAN_CACHE)/debs && (apt-get download dataset-fashion-mnist \
+	  || (apt-get update -qq && apt-get download dataset-fashion-mnist))
+	dpkg-deb -x $(DEBIAN_CACHE)/debs/dataset-fashion-mnist_*.deb $(DEBIAN_CACHE)
+
+fashion-mnist: $(FMNIST)
+
+test: $(STAMP) $(FMNIST)
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q -n 2 --doctest-modules effjax tests
 
 lint: $(STAMP)

@@ -4,6 +4,8 @@ deterministic batch iterator. More builders land with issue 3."""
 from effjax.data._common import default_data_dir, to_arrays
 from effjax.data.batches import batches, num_batches
 from effjax.data.digits import Digits, load_digits_source
+from effjax.data.fashion_mnist import FashionMnist, load_fashion_mnist_source
 
-__all__ = ["batches", "num_batches", "Digits", "load_digits_source", "default_data_dir",
+__all__ = ["batches", "num_batches", "Digits", "load_digits_source",
+           "FashionMnist", "load_fashion_mnist_source", "default_data_dir",
            "to_arrays"]
