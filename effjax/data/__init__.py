@@ -5,7 +5,9 @@ from effjax.data._common import default_data_dir, to_arrays
 from effjax.data.batches import batches, num_batches
 from effjax.data.digits import Digits, load_digits_source
 from effjax.data.fashion_mnist import FashionMnist, load_fashion_mnist_source
+from effjax.data.shakespeare import ShakespeareChar, load_shakespeare_char_source
 
 __all__ = ["batches", "num_batches", "Digits", "load_digits_source",
-           "FashionMnist", "load_fashion_mnist_source", "default_data_dir",
+           "FashionMnist", "load_fashion_mnist_source",
+           "ShakespeareChar", "load_shakespeare_char_source", "default_data_dir",
            "to_arrays"]
