@@ -19,3 +19,11 @@ def to_arrays(source) -> dict[str, np.ndarray]:
     if not records:
         raise ValueError("empty data source")
     return {k: np.stack([r[k] for r in records]) for k in records[0]}
+
+
+def prepared_source(builder_cls, split: str, data_dir: str | None = None):
+    """Prepare ``builder_cls`` once (array_record under ``data_dir``, default
+    :func:`default_data_dir`) and return ``(builder, random-access source of split)``."""
+    builder = builder_cls(data_dir=data_dir or default_data_dir(), file_format="array_record")
+    builder.download_and_prepare()
+    return builder, builder.as_data_source(split=split)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow_datasets as tfds
 
-from effjax.data._common import default_data_dir
+from effjax.data._common import prepared_source
 
 __all__ = ["Digits", "load_digits_source"]
 
@@ -72,6 +72,5 @@ class Digits(tfds.core.GeneratorBasedBuilder):
 def load_digits_source(split: str, *, data_dir: str | None = None):
     """Prepare ``digits`` once under ``data_dir`` and return the random-access source of
     ``split`` (``"train"`` or ``"test"``)."""
-    builder = Digits(data_dir=data_dir or default_data_dir(), file_format="array_record")
-    builder.download_and_prepare()
-    return builder.as_data_source(split=split)
+    _, source = prepared_source(Digits, split, data_dir)
+    return source

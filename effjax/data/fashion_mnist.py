@@ -21,7 +21,7 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
-from effjax.data._common import default_data_dir
+from effjax.data._common import prepared_source
 
 __all__ = ["FashionMnist", "load_fashion_mnist_source", "find_fashion_mnist", "read_idx",
            "CLASS_NAMES"]
@@ -97,6 +97,5 @@ class FashionMnist(tfds.core.GeneratorBasedBuilder):
 def load_fashion_mnist_source(split: str, *, data_dir: str | None = None):
     """Prepare ``fashion_mnist`` once under ``data_dir`` and return the random-access source
     of ``split`` (``"train"`` or ``"test"``)."""
-    builder = FashionMnist(data_dir=data_dir or default_data_dir(), file_format="array_record")
-    builder.download_and_prepare()
-    return builder.as_data_source(split=split)
+    _, source = prepared_source(FashionMnist, split, data_dir)
+    return source

@@ -24,7 +24,7 @@ import re
 import numpy as np
 import tensorflow_datasets as tfds
 
-from effjax.data._common import default_data_dir
+from effjax.data._common import prepared_source
 
 __all__ = ["ShakespeareChar", "load_shakespeare_char_source", "play_texts", "split_plays",
            "SEQUENCE_LENGTH"]
@@ -123,7 +123,5 @@ class ShakespeareChar(tfds.core.GeneratorBasedBuilder):
 def load_shakespeare_char_source(split: str, *, data_dir: str | None = None):
     """Prepare ``shakespeare_char`` once and return ``(source, vocab)`` for ``split``
     (``"train"``, ``"validation"`` or ``"test"``)."""
-    builder = ShakespeareChar(data_dir=data_dir or default_data_dir(),
-                              file_format="array_record")
-    builder.download_and_prepare()
-    return builder.as_data_source(split=split), builder.info.metadata["vocab"]
+    builder, source = prepared_source(ShakespeareChar, split, data_dir)
+    return source, builder.info.metadata["vocab"]

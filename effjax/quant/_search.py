@@ -1,4 +1,4 @@
-"""Exact nearest-code (and floor-code) search for sorted codebooks, without transcendentals.
+"""Exact nearest-code search for sorted codebooks, without transcendentals.
 
 For a codebook with sorted values ``v_0 <= ... <= v_{K-1}`` the nearest code of ``y`` is the
 number of decision thresholds ``t_k = (v_k + v_{k+1}) / 2`` with ``y >= t_k`` (ties go up). The
@@ -30,10 +30,8 @@ from effjax.quant import _dynamic_map
 _DIRECT_MAX = 16
 
 
-def _thresholds(values: np.ndarray, mode: str) -> np.ndarray:
-    """float32 thresholds ``T`` such that ``y >= T_k`` <=> the code index exceeds ``k``."""
-    if mode == "floor":
-        return values[1:].astype(np.float32)
+def _thresholds(values: np.ndarray) -> np.ndarray:
+    """float32 thresholds ``T`` such that ``y >= T_k`` <=> the nearest code index exceeds ``k``."""
     mid = (values[:-1].astype(np.float64) + values[1:].astype(np.float64)) / 2.0  # exact
     t = mid.astype(np.float32)
     below = t.astype(np.float64) < mid
@@ -86,8 +84,8 @@ def _try_table(t: np.ndarray, mbits: int, q0: int) -> _BucketTable | None:
 
 
 @functools.cache
-def _bucket_table(values: tuple[float, ...], mode: str) -> _BucketTable:
-    t = _thresholds(np.asarray(values, np.float32), mode)
+def _bucket_table(values: tuple[float, ...]) -> _BucketTable:
+    t = _thresholds(np.asarray(values, np.float32))
     for mbits in range(0, 20):
         # The largest q0 (smallest table) whose bucket 0 holds at most one threshold per side.
         lo_q, hi_q = 0, int(np.float32(1.0).view(np.int32)) >> (23 - mbits)
@@ -104,14 +102,14 @@ def _bucket_table(values: tuple[float, ...], mode: str) -> _BucketTable:
     raise ValueError("codebook thresholds are too close together for a bucket table")
 
 
-def _table_index(y: jax.Array, values: tuple[float, ...], mode: str) -> jax.Array:
+def _table_index(y: jax.Array, values: tuple[float, ...]) -> jax.Array:
     if len(values) <= _DIRECT_MAX:
-        t = _thresholds(np.asarray(values, np.float32), mode)
+        t = _thresholds(np.asarray(values, np.float32))
         idx = jnp.zeros(y.shape, jnp.int32)
         for tk in t.tolist():
             idx = idx + (y >= np.float32(tk)).astype(jnp.int32)
         return idx
-    table = _bucket_table(values, mode)
+    table = _bucket_table(values)
     bits = jax.lax.bitcast_convert_type(y, jnp.int32)
     mag = jnp.bitwise_and(bits, 0x7FFFFFFF)
     q = jnp.clip(jnp.right_shift(mag, table.shift) - table.q0, 0, table.buckets - 1)
@@ -144,7 +142,7 @@ def nearest_sorted(y: jax.Array, sorted_values: tuple[float, ...]) -> jax.Array:
     kind = _dynamic_map.kind_of(sorted_values)
     if kind is not None:
         return _dynamic_map.nearest(y, kind)
-    return _table_index(y, sorted_values, "nearest")
+    return _table_index(y, sorted_values)
 
 
 def floor_sorted(y: jax.Array, sorted_values: tuple[float, ...]) -> jax.Array:
