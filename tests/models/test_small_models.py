@@ -43,14 +43,14 @@ def test_cnn_matches_torch():
     x = np.random.default_rng(1).normal(size=(3, 12, 12)).astype(np.float32)
     t = torch.from_numpy(x)[:, None]  # NCHW
     for conv in model.convs:
-        w = torch.from_numpy(np.asarray(conv.kernel[...])).permute(3, 2, 0, 1)  # OIHW
-        t = torch.nn.functional.conv2d(t, w, torch.from_numpy(np.asarray(conv.bias[...])),
+        w = torch.from_numpy(np.array(conv.kernel[...])).permute(3, 2, 0, 1)  # OIHW
+        t = torch.nn.functional.conv2d(t, w, torch.from_numpy(np.array(conv.bias[...])),
                                        padding="same")
         t = torch.nn.functional.avg_pool2d(torch.relu(t), 2)
     t = t.permute(0, 2, 3, 1).reshape(3, -1)  # flatten in NHWC order, as the model does
     for layer, act in ((model.hidden, torch.relu), (model.out, lambda v: v)):
-        t = act(t @ torch.from_numpy(np.asarray(layer.kernel[...]))
-                + torch.from_numpy(np.asarray(layer.bias[...])))
+        t = act(t @ torch.from_numpy(np.array(layer.kernel[...]))
+                + torch.from_numpy(np.array(layer.bias[...])))
     np.testing.assert_allclose(np.asarray(model(jnp.asarray(x))), t.numpy(), rtol=1e-4,
                                atol=1e-5)
 
