@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m experiments.demo_8bit
+	$(BIN)/python -m experiments.quickstart
 
 # Offline data from Debian packages, unpacked without root into a cache folder.
 $(FMNIST):

@@ -1,0 +1,34 @@
+"""Every notebook runs top to bottom without error (tiny settings injected in its first code
+cell, which holds only parameters)."""
+
+import pathlib
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+TINY = {  # notebook -> replacement for its parameters cell (WIDTH 64: leaves of >= 4096
+    # values, so the 8-bit state really is quantized)
+    "01_quickstart.ipynb": "STEPS = 6\nBATCH = 4\nSEQ_LEN = 32\nWIDTH = 64\nDEPTH = 1\n"
+                           "LR = 3e-3\nEVAL_WINDOWS = 8",
+}
+
+
+def test_every_notebook_has_tiny_settings():
+    assert sorted(p.name for p in (ROOT / "notebooks").glob("*.ipynb")) == sorted(TINY)
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_notebook_executes(name):
+    nb = nbformat.read(ROOT / "notebooks" / name, as_version=4)
+    params = next(c for c in nb.cells if c.cell_type == "code")
+    assert params.source.startswith("# Parameters"), "first code cell must hold the parameters"
+    params.source = TINY[name]
+    NotebookClient(nb, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": str(ROOT)}}).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.output_type == "error"]
+    text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    assert "bytes per parameter" in text and "8-bit state is" in text
+    assert any("image/png" in o.get("data", {}) for o in outputs)  # the plot was drawn
