@@ -1,0 +1,292 @@
+"""Per-token activation fake quantization for the inputs of linear layers (NNX and Linen).
+
+The input :math:`x` of a linear layer is quantize-dequantized with one symmetric absmax scale
+per token (per row over the features the layer contracts):
+
+.. math::
+
+  s_t = \\frac{\\max_j |x_{t,j}|}{2^{b-1} - 1}, \\qquad
+  \\hat x_{t,j} = s_t\\, \\mathrm{clip}\\big(\\mathrm{round}(x_{t,j} / s_t),
+  -(2^{b-1}-1),\\, 2^{b-1}-1\\big),
+
+then the layer runs on :math:`\\hat x`, with an identity straight-through gradient
+(:math:`\\partial \\hat x / \\partial x = I`), so :math:`\\partial L/\\partial x = g W^\\top` and
+:math:`\\partial L/\\partial W = \\hat x^\\top g` as in Stable-SPAM's ``A8Linear``. Combined with
+:func:`effjax.compress.fake_quant.fake_quantize_params` on the weights this is W4A4 / W8A8
+quantization-aware training. The default is plain per-token absmax (LLM-QAT, SmoothQuant).
+
+Stable-SPAM's INT4 run (``INT4_scripts/350-stablespam-int4.sh``) quantizes the activations with
+the *weight* settings, because ``QLinear`` overwrites ``A8Linear``'s class attributes: 4 bits,
+groups of 256 consecutive features, the 2 largest-magnitude values of each group kept in full
+precision, round-to-nearest (its ``--act_bits``, ``--act_group_size`` and ``--act_stochastic``
+flags are parsed but unused), on the q/k/v/o/gate/up/down projections only (not the LM head).
+Here: ``quantize_activations(model, r'blocks/.*', bits=4, group_size=256, outliers=2)``.
+
+Which axes form a "token's features": the axes the layer contracts, i.e. ``-1`` for
+``nnx.Linear`` / ``nn.Dense`` and ``layer.axis`` for ``nnx.LinearGeneral`` / ``nn.DenseGeneral``
+(an attention output projection contracting ``(heads, head_dim)`` gets one scale per token).
+
+References:
+  Huang et al., "Stable-SPAM: How to Train in 4-Bit More Stably than 16-Bit Adam",
+  arXiv:2502.17055, 2025 (``utils/act_weight_quantization.py``, ``utils/dummy_quant.py``).
+  Liu et al., "LLM-QAT: Data-Free Quantization Aware Training for Large Language Models", 2023.
+  Xiao et al., "SmoothQuant: Accurate and Efficient Post-Training Quantization for LLMs", 2023.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from effjax.compress import fake_quantize
+
+__all__ = [
+    "fake_quantize_activations",
+    "ActivationFakeQuant",
+    "quantize_activations",
+    "linen_activation_fake_quant",
+]
+
+Where = str | Callable[[str, Any], bool] | None
+
+
+def fake_quantize_activations(
+    x: jax.Array,
+    bits: int,
+    *,
+    axis: int | Sequence[int] = -1,
+    group_size: int | None = None,
+    outliers: int = 0,
+) -> jax.Array:
+    """Symmetric per-token fake quantization of activations ``x`` (identity STE gradient).
+
+    One absmax scale per token: :math:`\\hat x = s\\,\\mathrm{clip}(\\mathrm{round}(x/s),
+    -q_{\\max}, q_{\\max})`, :math:`s = \\max_{\\text{axis}} |x| / q_{\\max}`,
+    :math:`q_{\\max} = 2^{b-1}-1`. A token of zeros stays exactly zero.
+
+    Args:
+      x: floating activations ``(..., features)``.
+      bits: 2..16 (int4: levels -7..7; int8: -127..127).
+      axis: the feature axes of a token (default ``-1``).
+      group_size: scale per group of this many consecutive features instead of per token.
+      outliers: keep this many largest-magnitude values per group in full precision.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> x = jnp.array([[1.4, -0.2, 0.5], [-7.0, 3.0, 1.0]])
+      >>> fake_quantize_activations(x, 4)  # scales 0.2 and 1.0
+      Array([[ 1.4, -0.2,  0.4],
+             [-7. ,  3. ,  1. ]], dtype=float32)
+    """
+    return fake_quantize(x, bits=bits, axis=axis, symmetric=True, group_size=group_size,
+                         outliers=outliers)
+
+
+def _validate(bits: int, group_size: int | None, outliers: int) -> None:
+    """Raise now (not at the first call) on a bad configuration; traces shapes only."""
+    n = max(8, outliers + 1, group_size or 0)
+    jax.eval_shape(lambda x: fake_quantize_activations(x, bits, group_size=group_size,
+                                                       outliers=outliers),
+                   jax.ShapeDtypeStruct((n,), jnp.float32))
+
+
+def _contracted_axes(layer: Any) -> int | tuple[int, ...]:
+    axis = getattr(layer, "axis", -1)
+    return tuple(axis) if isinstance(axis, (list, tuple)) else int(axis)
+
+
+class ActivationFakeQuant(nnx.Module):
+    """Wrap an NNX layer so that its input is fake-quantized per token: ``inner(Q(x))``.
+
+    The wrapped layer lives at ``self.inner`` (its parameter paths gain ``/inner``). The token
+    axes default to the layer's contracted axes (``inner.axis`` for ``nnx.LinearGeneral``,
+    ``-1`` otherwise).
+
+    Args:
+      inner: any NNX module (or callable) taking the activation as first argument.
+      bits: 2..16.
+      axis: feature axes of a token; None: the contracted axes of ``inner``.
+      group_size, outliers: see :func:`fake_quantize_activations`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> layer = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+      >>> wrapped = ActivationFakeQuant(layer, bits=8)
+      >>> x = jnp.array([[1.0, -0.5, 0.25]])
+      >>> bool(jnp.allclose(wrapped(x), layer(fake_quantize_activations(x, 8))))
+      True
+    """
+
+    def __init__(self, inner: Any, bits: int, *, axis: int | Sequence[int] | None = None,
+                 group_size: int | None = None, outliers: int = 0):
+        self.inner = inner
+        self.bits = int(bits)
+        self.axis = _contracted_axes(inner) if axis is None else (
+            tuple(axis) if isinstance(axis, (list, tuple)) else int(axis))
+        self.group_size = group_size
+        self.outliers = int(outliers)
+        _validate(self.bits, group_size, self.outliers)
+
+    def __call__(self, x: jax.Array, *args, **kwargs):
+        xq = fake_quantize_activations(x, self.bits, axis=self.axis,
+                                       group_size=self.group_size, outliers=self.outliers)
+        return self.inner(xq, *args, **kwargs)
+
+
+def _path_str(path: Sequence[Any]) -> str:
+    return "/".join(str(k) for k in path)
+
+
+def _selector(where: Where) -> Callable[[str, Any], bool]:
+    if where is None:
+        return lambda path, module: True
+    if isinstance(where, str):
+        try:
+            rx = re.compile(where)
+        except re.error as e:
+            raise ValueError(f"where='{where}' is not a valid regex: {e}") from None
+        return lambda path, module: rx.fullmatch(path) is not None
+    if callable(where):
+        return where
+    raise TypeError(f"where must be None, a regex string or a callable, got {where!r}")
+
+
+def quantize_activations(
+    model: nnx.Module,
+    where: Where = None,
+    *,
+    bits: int,
+    group_size: int | None = None,
+    outliers: int = 0,
+    layer_types: tuple[type, ...] = (nnx.Linear, nnx.LinearGeneral),
+) -> nnx.Module:
+    """Return a copy of an NNX model whose linear layers fake-quantize their inputs per token.
+
+    Every submodule of ``layer_types`` (default ``nnx.Linear`` and ``nnx.LinearGeneral``) whose
+    ``'/'``-joined module path (e.g. ``'blocks/0/query'``, ``'head'``) is selected by ``where`` is
+    replaced by :class:`ActivationFakeQuant` ``(layer, bits)``: :math:`y = f(\\hat x)` with
+    :math:`\\hat x` the per-token fake quantization of the layer's input. The input model is not
+    modified (the copy shares the parameter arrays, which are immutable); layers already wrapped
+    are left as they are. Parameter paths of wrapped layers gain ``/inner``
+    (``blocks/0/query/inner/kernel``).
+
+    Args:
+      model: an NNX module.
+      where: None (every linear layer), a regex fullmatched against the module path, or a
+        predicate ``(path, module) -> bool``.
+      bits: 2..16.
+      group_size, outliers: see :func:`fake_quantize_activations`.
+      layer_types: the module classes to wrap.
+
+    Raises:
+      ValueError: ``where`` selects no layer (the message lists the candidate layer paths).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> class MLP(nnx.Module):
+      ...   def __init__(self, rngs):
+      ...     self.up, self.down = nnx.Linear(4, 8, rngs=rngs), nnx.Linear(8, 2, rngs=rngs)
+      ...   def __call__(self, x):
+      ...     return self.down(nnx.relu(self.up(x)))
+      >>> model = MLP(nnx.Rngs(0))
+      >>> qmodel = quantize_activations(model, r'down', bits=4)
+      >>> type(qmodel.down).__name__, type(qmodel.up).__name__, type(model.down).__name__
+      ('ActivationFakeQuant', 'Linear', 'Linear')
+      >>> qmodel(jnp.ones((3, 4))).shape
+      (3, 2)
+    """
+    select = _selector(where)
+    new = nnx.clone(model)
+    modules = dict(nnx.iter_modules(new))
+    candidates, targets = [], []
+    for path, module in modules.items():
+        if not isinstance(module, layer_types):
+            continue
+        if path and isinstance(modules.get(path[:-1]), ActivationFakeQuant):
+            continue  # already wrapped
+        candidates.append(path)
+        if select(_path_str(path), module):
+            targets.append(path)
+    if not targets:
+        names = ", ".join(f"'{_path_str(p)}'" for p in candidates[:12]) or "none"
+        desc = f"'{where}'" if isinstance(where, str) else repr(where)
+        raise ValueError(
+            f"where={desc} selects none of the {len(candidates)} "
+            f"{'/'.join(t.__name__ for t in layer_types)} layers; their paths: {names}")
+    wrap = lambda layer: ActivationFakeQuant(layer, bits, group_size=group_size,
+                                             outliers=outliers)
+    for path in targets:
+        if not path:
+            return wrap(new)
+        parent, key = modules[path[:-1]], path[-1]
+        if isinstance(key, int):
+            parent[key] = wrap(modules[path])
+        else:
+            setattr(parent, key, wrap(modules[path]))
+    return new
+
+
+@contextlib.contextmanager
+def linen_activation_fake_quant(
+    bits: int,
+    where: Where = None,
+    *,
+    group_size: int | None = None,
+    outliers: int = 0,
+    layer_types: tuple[type, ...] = (nn.Dense, nn.DenseGeneral),
+) -> Iterator[None]:
+    """Context in which Linen ``nn.Dense`` / ``nn.DenseGeneral`` calls see fake-quantized inputs.
+
+    Uses ``flax.linen.intercept_methods``: inside the context the input of every selected
+    layer's ``__call__`` is replaced by its per-token fake quantization (over ``-1`` for
+    ``nn.Dense``, over ``layer.axis`` for ``nn.DenseGeneral``), identity STE gradient.
+
+    The interception happens when the model is **traced**: put the ``with`` inside the function
+    you ``jax.jit``, not around a call to an already-compiled function (a cached trace made
+    outside the context would run unquantized).
+
+    Args:
+      bits: 2..16.
+      where: None (every layer), a regex fullmatched against the module path
+        (``'Dense_0'``, ``'block/mlp/up'``), or a predicate ``(path, module) -> bool``.
+      group_size, outliers: see :func:`fake_quantize_activations`.
+      layer_types: the Linen module classes to intercept.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> import flax.linen as nn
+      >>> model = nn.Dense(2)
+      >>> x = jnp.array([[1.0, -0.3, 0.1]])
+      >>> variables = model.init(jax.random.key(0), x)
+      >>> with linen_activation_fake_quant(bits=4):
+      ...   y = model.apply(variables, x)
+      >>> bool(jnp.allclose(y, model.apply(variables, fake_quantize_activations(x, 4))))
+      True
+    """
+    select = _selector(where)
+    _validate(bits, group_size, outliers)
+
+    def interceptor(next_fun, args, kwargs, context):
+        module = context.module
+        if (context.method_name == "__call__" and isinstance(module, layer_types)
+                and select(_path_str(module.path), module)):
+            axis = _contracted_axes(module) if isinstance(module, nn.DenseGeneral) else -1
+            quant = lambda x: fake_quantize_activations(x, bits, axis=axis,
+                                                        group_size=group_size, outliers=outliers)
+            if args:
+                args = (quant(args[0]),) + tuple(args[1:])
+            elif "inputs" in kwargs:
+                kwargs = {**kwargs, "inputs": quant(kwargs["inputs"])}
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(interceptor):
+        yield

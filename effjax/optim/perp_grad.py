@@ -1,0 +1,102 @@
+"""perpGrad (written ⊥Grad in the paper): drop the gradient's component along the weights.
+
+Prieto, Barsbey, Mediano & Birdal, "Grokking at the Edge of Numerical Stability", ICLR 2025,
+arXiv:2501.04697. Past the point of fitting the training set, most of the gradient points along
+the current weights ("naive loss minimization"): it scales the logits without changing the
+predictions, which delays generalization and ends in Softmax Collapse. ⊥Grad removes that
+component before the optimizer sees the gradient:
+
+    g_perp = g - (<w, g> / <w, w>) w
+
+per parameter tensor (flattened), as the official code does (``orthograd.py``,
+``OrthoGrad._orthogonalize_gradients``, LucasPrietoAl/grokking-at-the-edge-of-numerical-stability
+@ 0cc9e8d); the paper writes the same projection for the full parameter vector. The official
+code then rescales ``g_perp`` to the norm of ``g``,
+
+    g_out = g_perp * ||g|| / ||g_perp||,
+
+which is ``renormalize=True`` here (the default). Use it in front of any optimizer:
+``optax.chain(perp_grad(), optax.adamw(...))`` is the paper's ⊥AdamW.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from effjax.optim._param_checks import check_params_like_updates
+
+__all__ = ["perp_grad", "project_out_param_direction"]
+
+
+def project_out_param_direction(g, w, *, renormalize: bool = True):
+    """``g - (<w, g> / <w, w>) w`` for one tensor, optionally rescaled to ``||g||``.
+
+    Computed in float32 (or wider) and returned in ``g``'s dtype. ``w`` is first divided by its
+    largest absolute value, which leaves the projection unchanged and keeps ``<w, w>`` from
+    underflowing or overflowing. Where ``w = 0`` there is no direction to remove and ``g`` is
+    returned unchanged; where ``g_perp = 0`` (``g`` parallel to ``w``) the result is 0.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from effjax.optim.perp_grad import project_out_param_direction
+      >>> project_out_param_direction(jnp.array([1.0, 1.0]), jnp.array([1.0, 0.0]),
+      ...                             renormalize=False)
+      Array([0., 1.], dtype=float32)
+    """
+    dtype = jnp.promote_types(g.dtype, jnp.float32)
+    gf, wf = g.astype(dtype).reshape(-1), w.astype(dtype).reshape(-1)
+    scale = jnp.max(jnp.abs(wf)) if wf.size else jnp.zeros((), dtype)
+    u = wf / jnp.where(scale > 0, scale, 1.0)
+    uu = jnp.vdot(u, u)
+    coef = jnp.where(uu > 0, jnp.vdot(u, gf) / jnp.where(uu > 0, uu, 1.0), 0.0)
+    gp = gf - coef * u
+    if renormalize:
+        g_norm, gp_norm = jnp.linalg.norm(gf), jnp.linalg.norm(gp)
+        gp = jnp.where(gp_norm > 0, gp * (g_norm / jnp.where(gp_norm > 0, gp_norm, 1.0)), 0.0)
+    return gp.reshape(g.shape).astype(g.dtype)
+
+
+def perp_grad(*, renormalize: bool = True) -> optax.GradientTransformation:
+    """⊥Grad (Prieto et al. 2025): project each update orthogonally to its parameter tensor.
+
+        g_perp = g - (<w, g> / <w, w>) w,   then  g_perp * ||g|| / ||g_perp||  (renormalize)
+
+    One projection per leaf, as the official ``OrthoGrad`` wrapper (which projects every
+    parameter tensor on its own and rescales to the gradient's norm). ``w = 0`` leaves the
+    update unchanged (no NaN).
+
+    Args:
+      renormalize: rescale each projected leaf to the norm of the incoming one, as the official
+        code does. ``False`` gives the plain projection.
+
+    Returns:
+      An optax ``GradientTransformation`` with an empty state. ``update`` needs ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp, numpy as np, optax
+      >>> from effjax.optim.perp_grad import perp_grad
+      >>> opt = optax.chain(perp_grad(), optax.adamw(1e-3, weight_decay=0.0))
+      >>> params = {"w": jnp.array([[3.0, 4.0]])}
+      >>> state = opt.init(params)
+      >>> g, _ = perp_grad().update({"w": jnp.array([[1.0, 0.0]])}, None, params)
+      >>> np.asarray(g["w"]).round(4), abs(float(jnp.vdot(g["w"], params["w"]))) < 1e-6
+      (array([[ 0.8, -0.6]], dtype=float32), True)
+      >>> updates, state = opt.update({"w": jnp.array([[1.0, 0.0]])}, state, params)
+    """
+    if not isinstance(renormalize, bool):
+        raise TypeError(f"renormalize must be a bool, got {renormalize!r}")
+
+    def init_fn(params):
+        del params
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None):
+        check_params_like_updates(updates, params, where="perp_grad")
+        out = jax.tree.map(
+            lambda g, w: project_out_param_direction(g, w, renormalize=renormalize),
+            updates, params)
+        return out, state
+
+    return optax.GradientTransformation(init_fn, update_fn)
