@@ -5,7 +5,8 @@ optimizer: state bytes per parameter and the jitted step time (update + apply, p
 donated, as in a training loop) as a ratio to ``optax.adamw`` measured in the same run. For
 reference it also times the CPU peers on the same shapes: torch's fp32 AdamW, bitsandbytes'
 ``AdamW8bit`` (native CPU kernel) and torchao's ``AdamW8bit`` / ``AdamW4bit`` (torch.compile),
-each as a ratio to torch's AdamW.
+each as a ratio to torch's AdamW. GaLore and Fira (rank: ``galore_rank``) are timed on steps
+without a projector refresh: their SVD runs once every 200 steps, here on the untimed first step.
 
 Run:  python -m experiments.bench_optim            (full, ~10 min on 2 CPU cores)
       python -m experiments.bench_optim --quick    (tiny tree, seconds; run by the tests)
@@ -27,6 +28,8 @@ import numpy as np
 import optax
 
 from effjax import optim
+from effjax.optim.fira import fira_adamw
+from effjax.optim.galore import galore_adamw
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
@@ -56,8 +59,16 @@ def transformer_tree(vocab, d, layers, heads, key=0):
     return jax.tree.unflatten(treedef, arrays)
 
 
-def optimizers():
+def galore_rank(d_model):
+    """GaLore/Fira rank for a tree of width ``d_model``: 128 (the paper's smallest) from
+    d = 256 up, else d / 4. Only 2-D leaves are projected; the tree's 3-D attention kernels,
+    vectors and matrices no wider than the rank keep full Adam moments."""
+    return 128 if d_model is None or d_model >= 256 else max(1, d_model // 4)
+
+
+def optimizers(d_model=None):
     lr = 1e-3
+    rank = galore_rank(d_model)
     return {
         "optax.adamw": optax.adamw(lr),
         "adamw_8bit": optim.adamw_8bit(lr),
@@ -67,6 +78,8 @@ def optimizers():
         "rmsprop_8bit": optim.rmsprop_8bit(lr),
         "adagrad_8bit": optim.adagrad_8bit(lr),
         "ademamix_8bit": optim.ademamix_8bit(lr),
+        "galore_adamw": galore_adamw(lr, rank=rank),
+        "fira_adamw": fira_adamw(lr, rank=rank),
     }
 
 
@@ -139,7 +152,7 @@ def run(sizes, reps, peers=True):
         n = sum(x.size for x in jax.tree.leaves(params))
         grads = jax.tree.map(lambda x: x * 0.01 + 1e-4, params)
         base = None
-        for name, opt in optimizers().items():
+        for name, opt in optimizers(d).items():
             secs, nbytes = time_jax(opt, params, grads, reps)
             base = secs if name == "optax.adamw" else base
             rows.append(dict(size=str(size), params=n, optimizer=name, kind="jax",

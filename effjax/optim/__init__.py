@@ -7,6 +7,8 @@ from effjax.optim.batch_size import (
     lr_for_batch_size,
     scale_learning_rate,
 )
+from effjax.optim.fira import FiraState, fira, fira_adamw
+from effjax.optim.galore import GaLoreState, galore, galore_adamw
 from effjax.optim.lowbit import (
     adagrad_8bit,
     adam_4bit,
@@ -43,5 +45,6 @@ __all__ = [
     "adam_hyperparams_for_batch_size",
     "spam", "scale_by_spam", "stable_spam", "scale_by_stable_spam", "adaptive_spike_clip",
     "adaptive_grad_norm", "momentum_reset", "cosine_momentum_scale", "STABLE_SPAM_4BIT",
-    "STABLE_SPAM_BF16",
+    "STABLE_SPAM_BF16", "galore", "galore_adamw", "GaLoreState", "fira", "fira_adamw",
+    "FiraState",
 ]
