@@ -29,11 +29,16 @@ from effjax.data import batches
 from effjax.models import CharTransformer, CharTransformerConfig, next_token_loss
 from experiments import _train
 
-# Every effjax AdamW-family optimizer, next to the baseline. New optimizers are added here.
+# The baseline and every effjax Adam-family optimizer (default settings; the low-rank ones at
+# rank 32 = width / 4). New optimizers are added here.
 OPTIMIZERS = {
     "optax.adamw": optax.adamw,
     "adamw_8bit": optim.adamw_8bit,
     "adamw_4bit": optim.adamw_4bit,
+    "spam": optim.spam,
+    "stable_spam_8bit": lambda lr: optim.stable_spam(lr, state_bits=8),
+    "galore_adamw": lambda lr: optim.galore_adamw(lr, rank=32),
+    "fira_adamw": lambda lr: optim.fira_adamw(lr, rank=32),
 }
 
 

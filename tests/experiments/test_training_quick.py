@@ -42,3 +42,34 @@ def test_optim_parity_quick(tmp_path):
         assert abs(r["val_loss_ratio"] - np.mean(vals) / np.mean(base)) < 1e-9
         if r["task"] == "cnn":
             assert 0.0 <= r["test_acc"][0] <= 1.0
+
+
+def test_stable_spam_4bit_quick(tmp_path):
+    from experiments import stable_spam_4bit
+
+    rows = stable_spam_4bit.main(["--quick", "--no-progress", "--out", str(tmp_path)])
+    assert (tmp_path / "stable_spam_4bit_quick.png").stat().st_size > 0
+    data = json.loads((tmp_path / "stable_spam_4bit_quick.json").read_text())
+    assert [r["method"] for r in data["rows"]] == list(stable_spam_4bit.methods(
+        stable_spam_4bit.parse(["--quick"])))
+    by = {r["method"]: r for r in rows}
+    # int4 QAT changes the forward pass: same init and data, different first loss than fp32
+    assert by["adam int4"]["train_losses"][0] != by["adam fp32"]["train_losses"][0]
+    # 4-bit Adam reaches its own final moving average exactly at the last window
+    assert by["adam int4"]["steps_to_adam_int4"] is not None
+    for r in rows:
+        assert np.isfinite(r["val_loss"]) and r["spikes"] >= 0
+
+
+def test_spike_and_reach_metrics():
+    from experiments.stable_spam_4bit import spikes, steps_to_reach
+
+    losses = [2.0] * 30
+    losses[25] = 2.6  # 1.3x the median of the previous 20 steps: one spike
+    losses[27] = 2.4  # 1.2x: not a spike
+    assert spikes(losses) == 1
+    falling = list(np.linspace(3.0, 1.0, 50))
+    # the average of steps k+1..k+20 is the line at index k + 9.5: 3 - 2 (k + 9.5) / 49 <= 1.9
+    # first holds at k = 18, i.e. after step 38
+    assert steps_to_reach(falling, 1.9, window=20) == 38
+    assert steps_to_reach(falling, 0.5) is None
