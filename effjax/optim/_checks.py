@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,3 +43,81 @@ def check_float_params(params, *, where: str) -> None:
                 f"{where}: parameter {name} has dtype {dtype} (type {type(leaf).__name__}); "
                 "low-bit optimizer states need floating-point parameters. Exclude it with "
                 "optax.masked / optax.multi_transform or cast it to a float dtype.")
+
+
+def is_number(x) -> bool:
+    """A concrete Python/numpy number (not an array injected by ``optax.inject_hyperparams``)."""
+    return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
+
+
+def check_range(where: str, name: str, value, lo=None, hi=None, *, lo_open=False,
+                 hi_open=False) -> None:
+    """Raise ``ValueError`` if the Python number ``value`` is outside its range; arrays pass."""
+    if isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{where}: {name} must be a number, got {value!r}")
+    if not is_number(value):
+        return
+    bad = not math.isfinite(value)
+    bad |= lo is not None and (value <= lo if lo_open else value < lo)
+    bad |= hi is not None and (value >= hi if hi_open else value > hi)
+    if bad:
+        interval = (("(" if lo_open else "[") + ("-inf" if lo is None else str(lo)) + ", "
+                    + ("inf" if hi is None else str(hi)) + (")" if hi_open else "]"))
+        raise ValueError(f"{where}: {name} must be in {interval}, got {value!r}")
+
+
+def check_int(where: str, name: str, value, lo: int, *, allow_none: bool = False) -> None:
+    """Raise ``ValueError`` unless ``value`` is an int >= ``lo`` (or None, or an array)."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, (jax.Array, np.ndarray)) and not isinstance(value, np.generic):
+        return  # injected by optax.inject_hyperparams: checked when it was a number
+    if (not isinstance(value, numbers.Integral) or isinstance(value, (bool, np.bool_))
+            or value < lo):
+        none = " or None" if allow_none else ""
+        raise ValueError(f"{where}: {name} must be an int >= {lo}{none}, got {value!r}")
+
+
+def check_state_bits(where: str, state_bits) -> None:
+    if state_bits is None:
+        return
+    if isinstance(state_bits, jax.Array):
+        raise ValueError(f"{where}: state_bits fixes the state's structure and must be a Python "
+                         "int; with optax.inject_hyperparams pass static_args=('state_bits',)")
+    if isinstance(state_bits, bool) or state_bits not in (4, 8):
+        raise ValueError(f"{where}: state_bits must be None, 4 or 8, got {state_bits!r}")
+
+
+def leaf_name(path) -> str:
+    return jax.tree_util.keystr(path) or "<root>"
+
+
+def check_params_like_updates(updates, params, *, where: str) -> None:
+    """Raise if ``params`` is missing or does not match ``updates`` leaf by leaf.
+
+    ``ValueError`` when ``params`` is ``None``, when the two trees differ in structure, or when
+    a leaf's shape differs (naming the leaf path); ``TypeError`` when a leaf of either tree is
+    not floating point. Runs at trace time only (shapes and dtypes are static).
+    """
+    if params is None:
+        raise ValueError(
+            f"{where} reads the parameters: call update(updates, state, params) with the "
+            "current params (optax.apply_updates happens after the update)")
+    u_leaves, u_def = jax.tree_util.tree_flatten_with_path(updates)
+    p_leaves, p_def = jax.tree_util.tree_flatten_with_path(params)
+    if u_def != p_def:
+        raise ValueError(
+            f"{where}: updates and params have different tree structures:\n  updates: "
+            f"{u_def}\n  params:  {p_def}")
+    for (path, u), (_, p) in zip(u_leaves, p_leaves):
+        name = leaf_name(path)
+        for what, x in (("update", u), ("parameter", p)):
+            dtype = getattr(x, "dtype", None)
+            if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+                raise TypeError(
+                    f"{where}: {what} {name} has dtype {dtype} (type {type(x).__name__}); "
+                    "floating point is required. Exclude it with optax.masked.")
+        if jnp.shape(u) != jnp.shape(p):
+            raise ValueError(
+                f"{where}: update {name} has shape {jnp.shape(u)} but the parameter has "
+                f"shape {jnp.shape(p)}")

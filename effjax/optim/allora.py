@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from effjax.optim._param_checks import check_params_like_updates, leaf_name
+from effjax.optim._checks import check_params_like_updates, leaf_name
 
 __all__ = ["allora_coefficient", "allora_lora_delta", "scale_by_inverse_param_norm"]
 

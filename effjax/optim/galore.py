@@ -90,6 +90,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from effjax.optim._checks import is_number
+
 __all__ = ["GaLoreState", "galore", "galore_adamw", "scale_by_adam_uncorrected",
            "adam_bias_correction", "PROJ_TYPES"]
 
@@ -123,10 +125,6 @@ class _Plan(NamedTuple):
 
 # Checks and planning ----------------------------------------------------------------------------
 
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
-
-
 def check_low_rank_args(*, rank, update_proj_gap, scale, proj_type, where: str) -> int:
     """Validate the shared GaLore/Fira arguments; return the rank as a Python int."""
     if isinstance(rank, (jax.Array, np.ndarray)):
@@ -135,13 +133,13 @@ def check_low_rank_args(*, rank, update_proj_gap, scale, proj_type, where: str) 
             "optax.inject_hyperparams pass static_args=('rank',) or leave rank at its default")
     if not isinstance(rank, (int, np.integer)) or isinstance(rank, bool) or rank < 1:
         raise ValueError(f"{where}: rank must be an int >= 1, got {rank!r}")
-    if _is_number(update_proj_gap):
+    if is_number(update_proj_gap):
         if int(update_proj_gap) != update_proj_gap or update_proj_gap < 1:
             raise ValueError(f"{where}: update_proj_gap must be an int >= 1, "
                              f"got {update_proj_gap!r}")
     elif not isinstance(update_proj_gap, jax.Array):
         raise ValueError(f"{where}: update_proj_gap must be an int >= 1, got {update_proj_gap!r}")
-    if _is_number(scale) and not np.isfinite(scale):
+    if is_number(scale) and not np.isfinite(scale):
         raise ValueError(f"{where}: scale must be finite, got {scale!r}")
     if proj_type not in PROJ_TYPES:
         raise ValueError(f"{where}: proj_type must be one of {PROJ_TYPES}, got {proj_type!r}")

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from effjax.optim._param_checks import check_params_like_updates
+from effjax.optim._checks import check_params_like_updates
 
 __all__ = ["perp_grad", "project_out_param_direction"]
 

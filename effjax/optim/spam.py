@@ -31,14 +31,19 @@ quantizes the same leaves the same way.
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
+from effjax.optim._checks import (
+    check_float_params,
+    check_int,
+    check_range,
+    check_state_bits,
+    is_number,
+)
 from effjax.optim.quantize_state import quantize_state
 
 __all__ = ["ScaleBySpamState", "scale_by_spam", "spam"]
@@ -53,60 +58,6 @@ class ScaleBySpamState(NamedTuple):
 
 
 # Shared helpers (also used by effjax.optim.stable_spam) ---------------------------------------
-
-def _is_number(x) -> bool:
-    """A concrete Python/numpy number (not an array injected by ``optax.inject_hyperparams``)."""
-    return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
-
-
-def _check_range(where: str, name: str, value, lo=None, hi=None, *, lo_open=False,
-                 hi_open=False) -> None:
-    """Raise ``ValueError`` if the Python number ``value`` is outside its range; arrays pass."""
-    if isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{where}: {name} must be a number, got {value!r}")
-    if not _is_number(value):
-        return
-    bad = not math.isfinite(value)
-    bad |= lo is not None and (value <= lo if lo_open else value < lo)
-    bad |= hi is not None and (value >= hi if hi_open else value > hi)
-    if bad:
-        interval = (("(" if lo_open else "[") + ("-inf" if lo is None else str(lo)) + ", "
-                    + ("inf" if hi is None else str(hi)) + (")" if hi_open else "]"))
-        raise ValueError(f"{where}: {name} must be in {interval}, got {value!r}")
-
-
-def _check_int(where: str, name: str, value, lo: int, *, allow_none: bool = False) -> None:
-    """Raise ``ValueError`` unless ``value`` is an int >= ``lo`` (or None, or an array)."""
-    if value is None and allow_none:
-        return
-    if isinstance(value, (jax.Array, np.ndarray)) and not isinstance(value, np.generic):
-        return  # injected by optax.inject_hyperparams: checked when it was a number
-    if (not isinstance(value, numbers.Integral) or isinstance(value, (bool, np.bool_))
-            or value < lo):
-        none = " or None" if allow_none else ""
-        raise ValueError(f"{where}: {name} must be an int >= {lo}{none}, got {value!r}")
-
-
-def _check_state_bits(where: str, state_bits) -> None:
-    if state_bits is None:
-        return
-    if isinstance(state_bits, jax.Array):
-        raise ValueError(f"{where}: state_bits fixes the state's structure and must be a Python "
-                         "int; with optax.inject_hyperparams pass static_args=('state_bits',)")
-    if isinstance(state_bits, bool) or state_bits not in (4, 8):
-        raise ValueError(f"{where}: state_bits must be None, 4 or 8, got {state_bits!r}")
-
-
-def _check_float_params(params, where: str) -> None:
-    """Raise ``TypeError`` naming the first parameter leaf that is not floating point."""
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        dtype = getattr(leaf, "dtype", None)
-        if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
-            name = jax.tree_util.keystr(path) or "<root>"
-            raise TypeError(f"{where}: parameter {name} has dtype {dtype} (type "
-                            f"{type(leaf).__name__}); it needs a floating-point dtype. Exclude "
-                            "it with optax.masked / optax.multi_transform.")
-
 
 class _Decay(NamedTuple):
     """An EMA decay ``d`` as float32 ``(d, 1 - d, log d)``."""
@@ -127,7 +78,7 @@ class _Decay(NamedTuple):
 def _decay(d) -> _Decay:
     """``1 - d`` and ``log d`` in float64 when ``d`` is a Python number (``1 - 0.99999`` in
     float32 would be off by 1e-3 relative); in float32 when it is an (injected) array."""
-    if _is_number(d):
+    if is_number(d):
         log = math.log(d) if d > 0 else -math.inf
         return _Decay(*(jnp.asarray(v, jnp.float32) for v in (d, 1.0 - d, log)))
     d = jnp.asarray(d, jnp.float32)
@@ -220,17 +171,17 @@ def scale_by_spam(
       [1.0, -1.0, 0.0]
     """
     where = "scale_by_spam"
-    _check_range(where, "b1", b1, 0.0, 1.0, hi_open=True)
-    _check_range(where, "b2", b2, 0.0, 1.0, hi_open=True)
-    _check_range(where, "eps", eps, 0.0)
+    check_range(where, "b1", b1, 0.0, 1.0, hi_open=True)
+    check_range(where, "b2", b2, 0.0, 1.0, hi_open=True)
+    check_range(where, "eps", eps, 0.0)
     if threshold is not None:
-        _check_range(where, "threshold", threshold, 0.0, lo_open=True)
-    _check_int(where, "reset_interval", reset_interval, 1, allow_none=True)
-    _check_int(where, "spike_delay", spike_delay, 0)
-    _check_int(where, "warmup_steps", warmup_steps, 0)
+        check_range(where, "threshold", threshold, 0.0, lo_open=True)
+    check_int(where, "reset_interval", reset_interval, 1, allow_none=True)
+    check_int(where, "spike_delay", spike_delay, 0)
+    check_int(where, "warmup_steps", warmup_steps, 0)
 
     def init_fn(params):
-        _check_float_params(params, where)
+        check_float_params(params, where=where)
         zeros = lambda: jax.tree.map(jnp.zeros_like, params)
         return ScaleBySpamState(count=jnp.zeros([], jnp.int32), mu=zeros(), nu=zeros())
 
@@ -335,12 +286,12 @@ def spam(
       -0.001
       >>> params = optax.apply_updates(params, updates)
     """
-    _check_range("spam", "weight_decay", weight_decay, 0.0)
-    _check_state_bits("spam", state_bits)
+    check_range("spam", "weight_decay", weight_decay, 0.0)
+    check_state_bits("spam", state_bits)
     core = _maybe_quantize(scale_by_spam(b1, b2, eps, threshold, reset_interval, spike_delay,
                                          warmup_steps), state_bits)
     parts = [core, optax.scale_by_learning_rate(learning_rate)]
-    if not (_is_number(weight_decay) and weight_decay == 0):
+    if not (is_number(weight_decay) and weight_decay == 0):
         decay = _decay_after_step(learning_rate, weight_decay)
         parts.append(decay if mask is None else optax.masked(decay, mask))
     return _zero_nonfinite_updates(optax.chain(*parts))

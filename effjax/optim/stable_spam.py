@@ -68,15 +68,17 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from effjax.optim._checks import (
+    check_float_params,
+    check_int,
+    check_range,
+    check_state_bits,
+    is_number,
+)
 from effjax.optim.spam import (
-    _check_float_params,
-    _check_int,
-    _check_range,
-    _check_state_bits,
     _Decay,
     _decay,
     _finite,
-    _is_number,
     _leaves_like,
     _maybe_quantize,
     _zero_nonfinite_updates,
@@ -179,8 +181,8 @@ def cosine_momentum_scale(total_steps: int, eta_min: float = 0.5) -> optax.Sched
       >>> round(float(s(49)), 4), round(float(s(99)), 4)  # t = 50 (midway), t = T+1 = 100
       (0.75, 0.5)
     """
-    _check_int("cosine_momentum_scale", "total_steps", total_steps, 1)
-    _check_range("cosine_momentum_scale", "eta_min", eta_min, 0.0, 1.0)
+    check_int("cosine_momentum_scale", "total_steps", total_steps, 1)
+    check_range("cosine_momentum_scale", "eta_min", eta_min, 0.0, 1.0)
     return lambda n: _cosine(jnp.asarray(n, jnp.float32) + 1.0, total_steps, eta_min).d
 
 
@@ -225,10 +227,10 @@ def adaptive_spike_clip(theta: float = 0.999) -> optax.GradientTransformation:
       >>> [round(float(x), 3) for x in u["w"]]  # 8 -> 8/8*6; 4, -1 unchanged (<= 6)
       [6.0, 4.0, -1.0]
     """
-    _check_range("adaptive_spike_clip", "theta", theta, 0.0, 1.0, lo_open=True, hi_open=True)
+    check_range("adaptive_spike_clip", "theta", theta, 0.0, 1.0, lo_open=True, hi_open=True)
 
     def init_fn(params):
-        _check_float_params(params, "adaptive_spike_clip")
+        check_float_params(params, where="adaptive_spike_clip")
         return AdaptiveSpikeClipState(count=jnp.zeros([], jnp.int32), m_max=_scalars(params))
 
     def update_fn(updates, state, params=None):
@@ -275,12 +277,12 @@ def adaptive_grad_norm(gamma1: optax.ScalarOrSchedule = 0.7, gamma2: float = 0.9
     """
     where = "adaptive_grad_norm"
     if not callable(gamma1):
-        _check_range(where, "gamma1", gamma1, 0.0, 1.0, hi_open=True)
-    _check_range(where, "gamma2", gamma2, 0.0, 1.0, hi_open=True)
-    _check_range(where, "eps", eps, 0.0)
+        check_range(where, "gamma1", gamma1, 0.0, 1.0, hi_open=True)
+    check_range(where, "gamma2", gamma2, 0.0, 1.0, hi_open=True)
+    check_range(where, "eps", eps, 0.0)
 
     def init_fn(params):
-        _check_float_params(params, where)
+        check_float_params(params, where=where)
         return AdaptiveGradNormState(count=jnp.zeros([], jnp.int32), m_norm=_scalars(params),
                                      v_norm=_scalars(params))
 
@@ -340,7 +342,7 @@ def momentum_reset(inner: optax.GradientTransformation, interval: int, *,
       >>> float(state.inner_state.mu["w"][0]), int(state.inner_state.count)
       (0.0, 2)
     """
-    _check_int("momentum_reset", "interval", interval, 1)
+    check_int("momentum_reset", "interval", interval, 1)
     inner = optax.with_extra_args_support(inner)
 
     def reset_leaf(x, do):
@@ -369,15 +371,15 @@ def momentum_reset(inner: optax.GradientTransformation, interval: int, *,
 
 def _check_stable_spam_args(where, b1, b2, eps, gamma1, gamma2, theta, reset_interval,
                             total_steps, eta_min):
-    _check_range(where, "b1", b1, 0.0, 1.0, hi_open=True)
-    _check_range(where, "b2", b2, 0.0, 1.0, hi_open=True)
-    _check_range(where, "eps", eps, 0.0)
-    _check_range(where, "gamma1", gamma1, 0.0, 1.0, hi_open=True)
-    _check_range(where, "gamma2", gamma2, 0.0, 1.0, hi_open=True)
-    _check_range(where, "theta", theta, 0.0, 1.0, lo_open=True, hi_open=True)
-    _check_int(where, "reset_interval", reset_interval, 1, allow_none=True)
-    _check_int(where, "total_steps", total_steps, 1, allow_none=True)
-    _check_range(where, "eta_min", eta_min, 0.0, 1.0)
+    check_range(where, "b1", b1, 0.0, 1.0, hi_open=True)
+    check_range(where, "b2", b2, 0.0, 1.0, hi_open=True)
+    check_range(where, "eps", eps, 0.0)
+    check_range(where, "gamma1", gamma1, 0.0, 1.0, hi_open=True)
+    check_range(where, "gamma2", gamma2, 0.0, 1.0, hi_open=True)
+    check_range(where, "theta", theta, 0.0, 1.0, lo_open=True, hi_open=True)
+    check_int(where, "reset_interval", reset_interval, 1, allow_none=True)
+    check_int(where, "total_steps", total_steps, 1, allow_none=True)
+    check_range(where, "eta_min", eta_min, 0.0, 1.0)
 
 
 def scale_by_stable_spam(
@@ -429,7 +431,7 @@ def scale_by_stable_spam(
                             reset_interval, total_steps, eta_min)
 
     def init_fn(params):
-        _check_float_params(params, "scale_by_stable_spam")
+        check_float_params(params, where="scale_by_stable_spam")
         zeros = lambda: jax.tree.map(jnp.zeros_like, params)
         return ScaleByStableSpamState(
             count=jnp.zeros([], jnp.int32), step=jnp.zeros([], jnp.int32), mu=zeros(),
@@ -510,13 +512,13 @@ def stable_spam(
       -0.001
       >>> params = optax.apply_updates(params, updates)
     """
-    _check_range("stable_spam", "weight_decay", weight_decay, 0.0)
-    _check_state_bits("stable_spam", state_bits)
+    check_range("stable_spam", "weight_decay", weight_decay, 0.0)
+    check_state_bits("stable_spam", state_bits)
     core = _maybe_quantize(scale_by_stable_spam(b1, b2, eps, gamma1, gamma2, theta,
                                                 reset_interval, total_steps, eta_min),
                            state_bits)
     parts = [core]
-    if not (_is_number(weight_decay) and weight_decay == 0):
+    if not (is_number(weight_decay) and weight_decay == 0):
         parts.append(optax.add_decayed_weights(weight_decay, mask))
     parts.append(optax.scale_by_learning_rate(learning_rate))
     return _zero_nonfinite_updates(optax.chain(*parts))
