@@ -1,0 +1,219 @@
+"""LoRA: low-rank adaptation of a frozen kernel (Hu et al., 2021), with rsLoRA scaling.
+
+For a Flax kernel :math:`W \\in \\mathbb{R}^{n_{in} \\times n_{out}}` (``y = x W``) LoRA trains
+:math:`A \\in \\mathbb{R}^{n_{in} \\times r}` and :math:`B \\in \\mathbb{R}^{r \\times n_{out}}`
+and keeps :math:`W` frozen:
+
+.. math::
+
+  W' = W + s\\, A B, \\qquad s = \\frac{\\alpha}{r} \\;\\text{(LoRA)} \\quad\\text{or}\\quad
+  s = \\frac{\\alpha}{\\sqrt r} \\;\\text{(rsLoRA, Kalajdzievski 2023)} .
+
+Trainable parameters per kernel: :math:`r\\,(n_{in} + n_{out})`, times the number of slices for
+stacked kernels (``batch_axes``).
+
+Initialization follows Hugging Face PEFT (``LoraLayer.reset_lora_parameters``): :math:`B = 0`, so
+:math:`W' = W` right after injection, and
+
+* ``init="kaiming"`` (PEFT's default ``init_lora_weights=True``): torch's
+  ``kaiming_uniform_(a=sqrt(5))`` on PEFT's ``lora_A.weight`` of shape ``(r, in)``, i.e.
+  :math:`A_{ij} \\sim U(-1/\\sqrt{n_{in}}, 1/\\sqrt{n_{in}})`;
+* ``init="gaussian"``: :math:`A_{ij} \\sim \\mathcal N(0, 1/r^2)` (std :math:`1/r`).
+
+PEFT stores ``lora_A.weight`` :math:`= A^\\top` ``(r, in)`` and ``lora_B.weight``
+:math:`= B^\\top` ``(out, r)`` and computes ``x @ W.T + s * (x @ A.T) @ B.T``; effjax's ``a``,
+``b`` are their transposes in Flax's ``x @ W`` layout.
+
+Kernels with more than two axes are handled through a :class:`~effjax.peft.layout.KernelLayout`
+(``in_axes``, ``out_axes``, ``batch_axes``): ``a`` has shape ``(*batch, *in, r)`` and ``b``
+``(*batch, r, *out)``, and :math:`A B` is contracted over ``r`` per batch slice.
+
+References:
+  Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", ICLR 2022, arXiv:2106.09685.
+  Kalajdzievski, "A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA",
+  arXiv:2312.03732, 2023.
+  Hugging Face PEFT, ``src/peft/tuners/lora/layer.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from effjax.peft.base import AdapterMethod, AdapterNode, adapter_node
+from effjax.peft.layout import KernelLayout, place_like
+
+__all__ = ["LoRA", "LoRAWeight"]
+
+_INITS = ("kaiming", "gaussian")
+
+
+def _axes_field(v: Any, name: str) -> tuple[int, ...] | None:
+    if v is None:
+        return None
+    v = (v,) if isinstance(v, (int, np.integer)) and not isinstance(v, bool) else v
+    if not isinstance(v, (tuple, list)) or not all(
+            isinstance(a, (int, np.integer)) and not isinstance(a, bool) for a in v):
+        raise TypeError(f"{name} must be None, an int or a tuple of ints, got {v!r}")
+    return tuple(int(a) for a in v)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoRA(AdapterMethod):
+    """LoRA method config (a rule value of :func:`effjax.peft.inject`).
+
+    :math:`W' = W + s\\,AB`, :math:`s = \\alpha/r` (or :math:`\\alpha/\\sqrt r` with
+    ``rslora=True``); trainable parameters :math:`n_{batch}\\, r\\,(n_{in} + n_{out})`.
+    See the module docstring for the equations, inits and references.
+
+    Attributes:
+      rank: :math:`r \\ge 1` (PEFT's ``r``; default 8).
+      alpha: :math:`\\alpha` (PEFT's ``lora_alpha``; default 8).
+      init: ``"kaiming"`` (PEFT's default) or ``"gaussian"``; :math:`B = 0` either way.
+      rslora: use :math:`\\alpha/\\sqrt r` (PEFT's ``use_rslora``).
+      dtype: dtype of ``a`` and ``b``. None: the kernel's dtype, except float32 for float16 and
+        bfloat16 kernels (PEFT's ``autocast_adapter_dtype=True`` default).
+      in_axes, out_axes, batch_axes: the kernel's axes (see :mod:`effjax.peft.layout`);
+        default: no batch axes, the first axis in, the rest out.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> node = LoRA(rank=2, alpha=4.0).adapt(jax.random.key(0), jnp.ones((3, 5)))
+      >>> node.a.shape, node.b.shape, node.scale
+      ((3, 2), (2, 5), 2.0)
+      >>> bool(jnp.all(node.materialize() == 1.0))  # b = 0: W' = W
+      True
+      >>> LoRA(rank=2).num_trainable((3, 5))  # r (in + out)
+      16
+      >>> LoRA(rank=4, alpha=8.0, rslora=True).scale
+      4.0
+    """
+
+    rank: int = 8
+    alpha: float = 8.0
+    init: str = "kaiming"
+    rslora: bool = False
+    dtype: Any = None
+    in_axes: int | tuple[int, ...] | None = None
+    out_axes: int | tuple[int, ...] | None = None
+    batch_axes: int | tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if isinstance(self.rank, bool) or not isinstance(self.rank, (int, np.integer)):
+            raise TypeError(f"LoRA rank must be an int, got {self.rank!r}")
+        if self.rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
+        object.__setattr__(self, "rank", int(self.rank))
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float, np.number)):
+            raise TypeError(f"LoRA alpha must be a number, got {self.alpha!r}")
+        if not math.isfinite(self.alpha):
+            raise ValueError(f"LoRA alpha must be finite, got {self.alpha}")
+        object.__setattr__(self, "alpha", float(self.alpha))
+        if self.init not in _INITS:
+            raise ValueError(f"LoRA init must be one of {_INITS}, got {self.init!r}")
+        if not isinstance(self.rslora, bool):
+            raise TypeError(f"LoRA rslora must be a bool, got {self.rslora!r}")
+        if self.dtype is not None:
+            dt = jnp.dtype(self.dtype)
+            if not jnp.issubdtype(dt, jnp.floating):
+                raise TypeError(f"LoRA dtype must be a floating dtype, got {dt}")
+            object.__setattr__(self, "dtype", dt)
+        object.__setattr__(self, "in_axes", _axes_field(self.in_axes, "in_axes"))
+        object.__setattr__(self, "out_axes", _axes_field(self.out_axes, "out_axes"))
+        object.__setattr__(self, "batch_axes", _axes_field(self.batch_axes, "batch_axes"))
+
+    @property
+    def scale(self) -> float:
+        """:math:`s = \\alpha / r`, or :math:`\\alpha / \\sqrt r` with rsLoRA."""
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+    def layout(self, shape: Sequence[int]) -> KernelLayout:
+        """The kernel layout this config gives a weight of ``shape``."""
+        return KernelLayout.resolve(shape, in_axes=self.in_axes, out_axes=self.out_axes,
+                                    batch_axes=self.batch_axes)
+
+    def num_trainable(self, shape: Sequence[int]) -> int:
+        """:math:`n_{batch}\\, r\\,(n_{in} + n_{out})`."""
+        lay = self.layout(shape)
+        return lay.n_batch * self.rank * (lay.n_in + lay.n_out)
+
+    def adapter_dtype(self, w_dtype: Any) -> jnp.dtype:
+        """dtype of ``a`` and ``b`` for a kernel of ``w_dtype``."""
+        if self.dtype is not None:
+            return jnp.dtype(self.dtype)
+        w_dtype = jnp.dtype(w_dtype)
+        return jnp.dtype(jnp.float32) if w_dtype.itemsize < 4 else w_dtype
+
+    def adapt(self, key: jax.Array, w: jax.Array) -> LoRAWeight:
+        """``a`` from the init distribution, ``b = 0``, both on ``w``'s devices and sharded
+        like ``w``'s in/out axes (``a``: ``(*batch, *in, r)``, ``b``: ``(*batch, r, *out)``)."""
+        w = jnp.asarray(w) if not isinstance(w, jax.Array) else w
+        if not jnp.issubdtype(w.dtype, jnp.floating):
+            raise TypeError(f"LoRA needs a floating kernel, got dtype {w.dtype}")
+        lay = self.layout(w.shape)
+        r, dtype = self.rank, self.adapter_dtype(w.dtype)
+        gen = jnp.promote_types(dtype, jnp.float32)
+        a_shape = lay.batch_shape + lay.in_shape + (r,)
+        if self.init == "gaussian":
+            a = jax.random.normal(key, a_shape, gen) * (1.0 / r)
+        else:  # torch kaiming_uniform_(a=sqrt(5)) with fan_in = n_in: bound 1/sqrt(n_in)
+            bound = 1.0 / math.sqrt(lay.n_in)
+            a = jax.random.uniform(key, a_shape, gen, -bound, bound)
+        a = a.astype(dtype)
+        b = jnp.zeros(lay.batch_shape + (r,) + lay.out_shape, dtype)
+        a = place_like(a, w, lay.batch_axes + lay.in_axes + (None,))
+        b = place_like(b, w, lay.batch_axes + (None,) + lay.out_axes)
+        return LoRAWeight(w=w, a=a, b=b, method=self, layout=lay)
+
+
+@adapter_node
+class LoRAWeight(AdapterNode):
+    """A kernel with a LoRA adapter: frozen ``w``, trainable ``a`` and ``b``.
+
+    ``materialize()`` :math:`= W + s\\,AB` in ``w``'s shape and dtype (computed in the promoted
+    dtype of ``w`` and ``a``, then cast to ``w.dtype``).
+
+    Attributes:
+      w: the frozen kernel.
+      a: ``(*batch, *in, r)``, trainable.
+      b: ``(*batch, r, *out)``, trainable.
+      method: the :class:`LoRA` config (static).
+      layout: the kernel's :class:`~effjax.peft.layout.KernelLayout` (static).
+    """
+
+    trainable_fields = ("a", "b")
+    frozen_fields = ("w",)
+
+    w: jax.Array
+    a: jax.Array
+    b: jax.Array
+    method: LoRA
+    layout: KernelLayout
+
+    @property
+    def scale(self) -> float:
+        """:math:`s`, from the config."""
+        return self.method.scale
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[-1]
+
+    def delta(self) -> jax.Array:
+        """:math:`s\\,AB` in ``w``'s layout (promoted dtype)."""
+        lay, r = self.layout, self.rank
+        ct = jnp.promote_types(self.w.dtype, self.a.dtype)
+        a = self.a.reshape(lay.batch_shape + (lay.n_in, r)).astype(ct)
+        b = self.b.reshape(lay.batch_shape + (r, lay.n_out)).astype(ct)
+        return self.scale * lay.from_matrix(jnp.matmul(a, b))
+
+    def materialize(self) -> jax.Array:
+        """:math:`W + s\\,AB`, cast to ``w.dtype``."""
+        d = self.delta()
+        return (self.w.astype(d.dtype) + d).astype(self.w.dtype)
