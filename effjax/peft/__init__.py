@@ -33,6 +33,7 @@ from effjax.peft.base import (
     method_from_config,
     method_to_config,
 )
+from effjax.peft.dora import DoRA, DoRAWeight
 from effjax.peft.io import load_adapters, read_adapter_config, save_adapters
 from effjax.peft.layout import KernelLayout
 from effjax.peft.lora import LoRA, LoRAWeight
@@ -52,7 +53,7 @@ from effjax.peft.tree import (
 from effjax.peft.unfreeze import Unfreeze, UnfrozenWeight
 
 __all__ = [
-    "LoRA", "LoRAWeight", "Unfreeze", "UnfrozenWeight",
+    "LoRA", "LoRAWeight", "DoRA", "DoRAWeight", "Unfreeze", "UnfrozenWeight",
     "inject", "materialize", "merge", "trainable_mask", "split", "combine", "summary", "Summary",
     "adapter_paths", "leaf_key", "save_adapters", "load_adapters", "read_adapter_config",
     "AdapterMethod", "AdapterNode", "adapter_node", "is_adapter", "method_to_config",
