@@ -37,6 +37,7 @@ from effjax.peft.dora import DoRA, DoRAWeight
 from effjax.peft.io import load_adapters, read_adapter_config, save_adapters
 from effjax.peft.layout import KernelLayout
 from effjax.peft.lora import LoRA, LoRAWeight
+from effjax.peft.nola import NOLA, NOLAWeight
 from effjax.peft.rules import Rule, assign_rules, compile_rules
 from effjax.peft.tree import (
     Summary,
@@ -51,9 +52,11 @@ from effjax.peft.tree import (
     trainable_mask,
 )
 from effjax.peft.unfreeze import Unfreeze, UnfrozenWeight
+from effjax.peft.vera import VeRA, VeRAWeight
 
 __all__ = [
-    "LoRA", "LoRAWeight", "DoRA", "DoRAWeight", "Unfreeze", "UnfrozenWeight",
+    "LoRA", "LoRAWeight", "DoRA", "DoRAWeight", "VeRA", "VeRAWeight", "NOLA", "NOLAWeight",
+    "Unfreeze", "UnfrozenWeight",
     "inject", "materialize", "merge", "trainable_mask", "split", "combine", "summary", "Summary",
     "adapter_paths", "leaf_key", "save_adapters", "load_adapters", "read_adapter_config",
     "AdapterMethod", "AdapterNode", "adapter_node", "is_adapter", "method_to_config",

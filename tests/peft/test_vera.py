@@ -1,0 +1,318 @@
+"""VeRA: conformance checks, the paper's equation in numpy, shared random matrices, checkpoints,
+and a cross-check against Hugging Face PEFT (``VeraConfig``) with the same weights.
+
+Tolerances (float32): numpy float64 references 1e-5; PEFT outputs 1e-5 and merged weights 1e-6
+(the two sides associate the sums differently); bf16 one bf16 ulp.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from effjax.compress import key_path_str
+from effjax.peft import (
+    combine,
+    inject,
+    load_adapters,
+    materialize,
+    merge,
+    save_adapters,
+    split,
+    summary,
+    trainable_mask,
+)
+from effjax.peft.vera import VeRA, VeRAWeight, vera_projections
+from tests.peft.test_conformance import _params, _paths, _perturb
+
+# name: (method, kernel shape, trainable count by hand, einsum a, d, b, lambda_b -> delta)
+CASES = {
+    "2d": (VeRA(rank=3), (12, 10), 3 + 10, "ir,r,ro,o->io"),
+    "2d_max_in": (VeRA(rank=4, seed=7, d_initial=0.5, max_in=20), (12, 10), 4 + 10,
+                  "ir,r,ro,o->io"),
+    "qkv": (VeRA(rank=2), (16, 4, 8), 2 + 4 * 8, "ir,r,rhd,hd->ihd"),
+    "out": (VeRA(rank=2, in_axes=(0, 1)), (4, 8, 16), 2 + 16, "hdr,r,ro,o->hdo"),
+    "stacked": (VeRA(rank=2, batch_axes=0), (3, 12, 10), 3 * (2 + 10), "ir,lr,ro,lo->lio"),
+    "experts_mid": (VeRA(rank=2, batch_axes=1), (6, 3, 5), 3 * (2 + 5), "ir,er,ro,eo->ieo"),
+}
+NAMES = list(CASES)
+
+
+def _inject(name, dtype=jnp.float32, key=1):
+    method, shape, _, _ = CASES[name]
+    params = _params(shape, dtype)
+    return params, inject(params, {r"layer/kernel": method}, key=jax.random.key(key))
+
+
+def numpy_kernel(name, node):
+    """W + einsum(A, d, B, b) in float64 numpy: the paper's (A diag(d) B) diag(b), Flax layout."""
+    eq = CASES[name][3]
+    f = lambda x: np.asarray(x, np.float64)
+    return f(node.w) + np.einsum(eq, f(node.a), f(node.lambda_d), f(node.b), f(node.lambda_b))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_trainable_count_and_identity_after_inject(name):
+    method, shape, expected, _ = CASES[name]
+    params, tree = _inject(name)
+    trainable, frozen = split(tree)
+    assert method.num_trainable(shape) == expected == summary(tree).trainable == sum(
+        x.size for x in jax.tree.leaves(trainable))
+    assert _paths(trainable) == {"layer/kernel/lambda_d", "layer/kernel/lambda_b"}
+    out = materialize(tree)
+    for x, y in zip(jax.tree.leaves(out), jax.tree.leaves(params)):
+        assert x.dtype == y.dtype
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    node = tree["layer"]["kernel"]
+    np.testing.assert_array_equal(np.asarray(node.lambda_b), 0.0)
+    np.testing.assert_array_equal(np.asarray(node.lambda_d), np.float32(method.d_initial))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_materialize_matches_numpy_and_jit(name):
+    _, tree = _inject(name)
+    tree = _perturb(tree)
+    node = tree["layer"]["kernel"]
+    want = numpy_kernel(name, node)
+    got = materialize(tree)["layer"]["kernel"]
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+    jitted = jax.jit(materialize)(tree)["layer"]["kernel"]
+    np.testing.assert_allclose(np.asarray(jitted), np.asarray(got), rtol=1e-6, atol=1e-6)
+    merged = merge(tree)["layer"]["kernel"]
+    np.testing.assert_array_equal(np.asarray(merged), np.asarray(got))
+    method, shape = CASES[name][:2]
+    params = _params(shape)
+    eager = inject(params, {r"layer/kernel": method}, key=jax.random.key(5))
+    traced = jax.jit(lambda p, k: inject(p, {r"layer/kernel": method}, key=k))(
+        params, jax.random.key(5))
+    for x, y in zip(jax.tree.leaves(traced), jax.tree.leaves(eager)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_forward_is_the_papers_equation():
+    """h = W0 x + Lambda_b B Lambda_d A x (paper, torch layout), written plainly in numpy."""
+    _, tree = _inject("2d_max_in")
+    tree = _perturb(tree)
+    node = tree["layer"]["kernel"]
+    f = lambda x: np.asarray(x, np.float64)
+    w0, a_t, b_t = f(node.w).T, f(node.a).T, f(node.b).T  # (out, in), (r, in), (out, r)
+    lam_d, lam_b = np.diag(f(node.lambda_d)), np.diag(f(node.lambda_b))
+    x = np.random.default_rng(0).standard_normal((7, 12))
+    want = np.stack([w0 @ xi + lam_b @ b_t @ lam_d @ a_t @ xi for xi in x])
+    got = np.asarray(x.astype(np.float32) @ materialize(tree)["layer"]["kernel"])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["2d", "qkv", "stacked"])
+def test_grad_reaches_only_trainable_leaves(name):
+    _, tree = _inject(name)
+    tree = _perturb(tree)
+    shape = CASES[name][1]
+    c = jnp.asarray(np.random.default_rng(3).standard_normal(shape), jnp.float32)
+    trainable, frozen = split(tree)
+
+    def loss(t):
+        return jnp.sum(c * materialize(combine(t, frozen))["layer"]["kernel"] ** 2)
+
+    grads = jax.jit(jax.grad(loss))(trainable)
+    mask = trainable_mask(tree)
+    want = {key_path_str(p) for p, m in jax.tree_util.tree_flatten_with_path(mask)[0] if m}
+    assert _paths(grads) == want == {"layer/kernel/lambda_d", "layer/kernel/lambda_b"}
+    node, eq = tree["layer"]["kernel"], CASES[name][3]
+
+    def ref_loss(d, b):  # the plain einsum, differentiated by field
+        return jnp.sum(c * (node.w + jnp.einsum(eq, node.a, d, node.b, b)) ** 2)
+
+    ref = jax.grad(ref_loss, argnums=(0, 1))(node.lambda_d, node.lambda_b)
+    for g, r in zip((grads["layer"]["kernel"].lambda_d, grads["layer"]["kernel"].lambda_b), ref):
+        assert float(jnp.abs(g).max()) > 0
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["2d_max_in", "stacked", "out"])
+def test_checkpoint_holds_only_d_and_b_and_load_reproduces_exactly(name, tmp_path):
+    method, shape, expected, _ = CASES[name]
+    params, tree = _inject(name)
+    tree = _perturb(tree)
+    save_adapters(tmp_path / "ad", tree)
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ck:
+        raw = ck.restore(tmp_path / "ad", args=ocp.args.Composite(
+            adapters=ocp.args.StandardRestore()))["adapters"]
+    assert _paths(raw) == {"layer/kernel/lambda_d", "layer/kernel/lambda_b"}
+    assert sum(np.asarray(x).size for x in jax.tree.leaves(raw)) == expected
+    want = np.asarray(materialize(tree)["layer"]["kernel"])
+    for rules, key in ((None, None), ({r"layer/kernel": method}, jax.random.key(123))):
+        back = load_adapters(tmp_path / "ad", params, rules, key=key)
+        for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(tree)):  # incl. frozen a, b
+            assert x.dtype == y.dtype
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+        np.testing.assert_array_equal(np.asarray(materialize(back)["layer"]["kernel"]), want)
+
+
+def test_matrices_are_shared_sliced_and_seeded():
+    rng = np.random.default_rng(0)
+    params = {"q": jnp.asarray(rng.standard_normal((16, 8)), jnp.float32),
+              "v": jnp.asarray(rng.standard_normal((16, 8)), jnp.float32),
+              "small": jnp.asarray(rng.standard_normal((6, 5)), jnp.float32)}
+    m = VeRA(rank=4, seed=3, max_in=16)
+    t1 = inject(params, {".*": m}, key=jax.random.key(0))
+    t2 = inject(params, {".*": m}, key=jax.random.key(99))  # the key does not matter
+    for p in params:
+        for f in ("a", "b"):
+            np.testing.assert_array_equal(np.asarray(getattr(t1[p], f)),
+                                          np.asarray(getattr(t2[p], f)))
+    np.testing.assert_array_equal(np.asarray(t1["q"].a), np.asarray(t1["v"].a))
+    np.testing.assert_array_equal(np.asarray(t1["q"].b), np.asarray(t1["v"].b))
+    # PEFT's slicing of the largest matrices: the smaller leaf gets the leading blocks
+    np.testing.assert_array_equal(np.asarray(t1["small"].a), np.asarray(t1["q"].a[:6]))
+    np.testing.assert_array_equal(np.asarray(t1["small"].b), np.asarray(t1["q"].b[:, :5]))
+    other = inject(params, {".*": VeRA(rank=4, seed=4, max_in=16)}, key=jax.random.key(0))
+    assert not np.array_equal(np.asarray(other["q"].a), np.asarray(t1["q"].a))
+    assert not np.array_equal(np.asarray(other["q"].b), np.asarray(t1["q"].b))
+    # kaiming-uniform bounds: sqrt(6 / max_in) for A, sqrt(6 / r) for B
+    a, b = vera_projections(3, 16, 64, 256, fan_in=64)
+    assert float(jnp.abs(a).max()) <= np.sqrt(6 / 64) and float(jnp.abs(b).max()) <= np.sqrt(
+        6 / 16)
+    assert float(jnp.abs(a).max()) > 0.95 * np.sqrt(6 / 64)
+    assert np.std(np.asarray(a)) == pytest.approx(np.sqrt(6 / 64) / np.sqrt(3), rel=0.05)
+    assert np.std(np.asarray(b)) == pytest.approx(np.sqrt(6 / 16) / np.sqrt(3), rel=0.05)
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="max_in"):
+        inject({"k": jnp.ones((8, 4))}, {"k": VeRA(rank=2, max_in=4)}, key=jax.random.key(0))
+    with pytest.raises(ValueError, match="rank"):
+        VeRA(rank=0)
+    with pytest.raises(TypeError, match="seed"):
+        VeRA(seed=1.5)
+    with pytest.raises(ValueError, match="d_initial"):
+        VeRA(d_initial=float("nan"))
+
+
+def test_bfloat16_params():
+    params, tree = _inject("2d", jnp.bfloat16)
+    node = tree["layer"]["kernel"]
+    assert isinstance(node, VeRAWeight)
+    assert node.a.dtype == node.lambda_d.dtype == jnp.float32
+    out = materialize(tree)["layer"]["kernel"]
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(out, np.float32),
+                                  np.asarray(params["layer"]["kernel"], np.float32))
+    tree = _perturb(tree)
+    want = numpy_kernel("2d", tree["layer"]["kernel"])
+    got = np.asarray(materialize(tree)["layer"]["kernel"], np.float32)
+    np.testing.assert_allclose(got, want, rtol=2**-7, atol=1e-6)
+
+
+def test_sharded_kernel_keeps_sharding_under_jit():
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("x", "y"))
+    w = jax.device_put(jnp.asarray(np.random.default_rng(0).standard_normal((16, 8)),
+                                   jnp.float32), NamedSharding(mesh, PartitionSpec("x", "y")))
+    node = VeRA(rank=4).adapt(jax.random.key(0), w)
+    assert node.a.sharding == NamedSharding(mesh, PartitionSpec("x", None))
+    assert node.b.sharding == NamedSharding(mesh, PartitionSpec(None, "y"))
+    assert node.lambda_b.sharding == NamedSharding(mesh, PartitionSpec("y"))
+    lb = jax.device_put(jnp.arange(8.0), node.lambda_b.sharding)
+    node = node.replace(lambda_b=lb)
+    out = jax.jit(lambda n: n.materialize())(node)
+    assert out.sharding.is_equivalent_to(w.sharding, 2)
+    np.testing.assert_allclose(np.asarray(out), numpy_kernel("2d", node), rtol=1e-5, atol=1e-5)
+
+
+# ---- Hugging Face PEFT (torch, CPU) -------------------------------------------------------
+
+def _t2n(t):
+    return t.detach().cpu().numpy().astype(np.float32)
+
+
+@pytest.mark.peer
+def test_outputs_merge_and_counts_match_peft_with_the_same_weights():
+    flax_nn = pytest.importorskip("flax.linen")
+    peft = pytest.importorskip("peft")
+    torch = pytest.importorskip("torch")
+
+    class MLP(flax_nn.Module):  # torch's Sequential(Linear(6, 16), ReLU, Linear(16, 5))
+        @flax_nn.compact
+        def __call__(self, x):
+            return flax_nn.Dense(5, name="l2")(flax_nn.relu(flax_nn.Dense(16, name="l0")(x)))
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 5))
+    pm = peft.get_peft_model(model, peft.VeraConfig(r=4, target_modules=["0", "2"],
+                                                    projection_prng_key=0, d_initial=0.1))
+    mods = {"l0": pm.base_model.model[0], "l2": pm.base_model.model[2]}
+    vera_a = _t2n(mods["l0"].vera_A["default"])  # (r, max_in) = (4, 16), shared
+    vera_b = _t2n(mods["l0"].vera_B["default"])  # (max_out, r) = (16, 4), shared
+    assert vera_a.shape == (4, 16) and vera_b.shape == (16, 4)
+    # PEFT's init equals ours: b = 0, d = d_initial; A, B within the kaiming bounds
+    for m in mods.values():
+        np.testing.assert_array_equal(_t2n(m.vera_lambda_b["default"]), 0.0)
+        np.testing.assert_allclose(_t2n(m.vera_lambda_d["default"]), 0.1)
+    assert np.abs(vera_a).max() <= np.sqrt(6 / 16) and np.abs(vera_b).max() <= np.sqrt(6 / 4)
+    with torch.no_grad():  # "trained" vectors so that the adapter matters
+        gen = torch.Generator().manual_seed(1)
+        for m in mods.values():
+            for p in (m.vera_lambda_b["default"], m.vera_lambda_d["default"]):
+                p.copy_(torch.randn(p.shape, generator=gen))
+
+    params = {"params": {n: {"kernel": jnp.asarray(_t2n(m.base_layer.weight).T),
+                             "bias": jnp.asarray(_t2n(m.base_layer.bias))}
+                         for n, m in mods.items()}}
+    method = VeRA(rank=4, seed=0, d_initial=0.1, max_in=16)
+    tree = inject(params, {r"params/l\d/kernel": method}, key=jax.random.key(0))
+    trainable, total = pm.get_nb_trainable_parameters()
+    assert summary(tree).trainable == trainable == (4 + 16) + (4 + 5)
+    # PEFT counts parameters only; the frozen vera_A/B are buffers there, node fields here
+    frozen_ab = sum(n.a.size + n.b.size for n in (tree["params"]["l0"]["kernel"],
+                                                   tree["params"]["l2"]["kernel"]))
+    assert summary(tree).total == total + frozen_ab
+    for n, m in mods.items():  # PEFT's shared matrices, sliced as PEFT slices them
+        node = tree["params"][n]["kernel"]
+        n_in, n_out = node.w.shape
+        tree["params"][n]["kernel"] = node.replace(
+            a=jnp.asarray(vera_a[:, :n_in].T), b=jnp.asarray(vera_b[:n_out].T),
+            lambda_d=jnp.asarray(_t2n(m.vera_lambda_d["default"])),
+            lambda_b=jnp.asarray(_t2n(m.vera_lambda_b["default"])))
+
+    x = np.random.default_rng(0).standard_normal((32, 6)).astype(np.float32)
+    with torch.no_grad():
+        want = _t2n(pm(torch.from_numpy(x)))
+    with pm.disable_adapter(), torch.no_grad():
+        base = _t2n(pm(torch.from_numpy(x)))
+    assert np.abs(want - base).max() > 1e-2
+    got = np.asarray(MLP().apply(materialize(tree), jnp.asarray(x)))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+    merged = merge(tree)
+    unloaded = pm.merge_and_unload()
+    for n, idx in (("l0", 0), ("l2", 2)):
+        np.testing.assert_allclose(np.asarray(merged["params"][n]["kernel"]),
+                                   _t2n(unloaded[idx].weight).T, rtol=1e-6, atol=1e-6)
+
+
+def _ks_statistic(x, y):
+    x, y = np.sort(x), np.sort(y)
+    grid = np.concatenate([x, y])
+    return np.abs(np.searchsorted(x, grid, side="right") / x.size
+                  - np.searchsorted(y, grid, side="right") / y.size).max()
+
+
+@pytest.mark.peer
+def test_random_matrices_have_peft_distribution():
+    """Two targeted layers (in 256 and 64): max_in=256 gives PEFT's law for A and B."""
+    peft = pytest.importorskip("peft")
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 64), torch.nn.Linear(64, 32))
+    pm = peft.get_peft_model(model, peft.VeraConfig(r=16, target_modules=["0", "1"]))
+    a_peft = _t2n(pm.base_model.model[0].vera_A["default"])  # (16, 256)
+    b_peft = _t2n(pm.base_model.model[0].vera_B["default"])  # (64, 16)
+    a, b = vera_projections(0, 16, 256, 64, fan_in=256)
+    assert a.shape == a_peft.T.shape and b.shape == b_peft.T.shape
+    # KS critical value at the 0.1% level: 1.95 * sqrt(2 / n)
+    assert _ks_statistic(np.asarray(a).ravel(), a_peft.ravel()) < 1.95 * np.sqrt(2 / 4096)
+    assert _ks_statistic(np.asarray(b).ravel(), b_peft.ravel()) < 1.95 * np.sqrt(2 / 1024)
