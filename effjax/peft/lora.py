@@ -76,7 +76,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from effjax.peft.base import AdapterMethod, AdapterNode, adapter_node
-from effjax.peft.layout import KernelLayout, place_like
+from effjax.peft.layout import KernelAxesConfig, KernelLayout, place_like
 
 __all__ = ["LoRA", "LoRAWeight"]
 
@@ -84,18 +84,8 @@ _INITS = ("kaiming", "gaussian", "pissa", "olora")
 _NITER = re.compile(r"pissa_niter_(\d+)")
 
 
-def _axes_field(v: Any, name: str) -> tuple[int, ...] | None:
-    if v is None:
-        return None
-    v = (v,) if isinstance(v, (int, np.integer)) and not isinstance(v, bool) else v
-    if not isinstance(v, (tuple, list)) or not all(
-            isinstance(a, (int, np.integer)) and not isinstance(a, bool) for a in v):
-        raise TypeError(f"{name} must be None, an int or a tuple of ints, got {v!r}")
-    return tuple(int(a) for a in v)
-
-
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class LoRA(AdapterMethod):
+class LoRA(KernelAxesConfig, AdapterMethod):
     """LoRA method config (a rule value of :func:`effjax.peft.inject`).
 
     :math:`W' = W + s\\,AB`, :math:`s = \\alpha/r` (or :math:`\\alpha/\\sqrt r` with
@@ -164,24 +154,12 @@ class LoRA(AdapterMethod):
                              f"alpha / r, so alpha must be > 0, got {self.alpha}")
         if not isinstance(self.rslora, bool):
             raise TypeError(f"LoRA rslora must be a bool, got {self.rslora!r}")
-        if self.dtype is not None:
-            dt = jnp.dtype(self.dtype)
-            if not jnp.issubdtype(dt, jnp.floating):
-                raise TypeError(f"LoRA dtype must be a floating dtype, got {dt}")
-            object.__setattr__(self, "dtype", dt)
-        object.__setattr__(self, "in_axes", _axes_field(self.in_axes, "in_axes"))
-        object.__setattr__(self, "out_axes", _axes_field(self.out_axes, "out_axes"))
-        object.__setattr__(self, "batch_axes", _axes_field(self.batch_axes, "batch_axes"))
+        self._normalize_dtype_and_axes("LoRA")
 
     @property
     def scale(self) -> float:
         """:math:`s = \\alpha / r`, or :math:`\\alpha / \\sqrt r` with rsLoRA."""
         return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
-
-    def layout(self, shape: Sequence[int]) -> KernelLayout:
-        """The kernel layout this config gives a weight of ``shape``."""
-        return KernelLayout.resolve(shape, in_axes=self.in_axes, out_axes=self.out_axes,
-                                    batch_axes=self.batch_axes)
 
     def num_trainable(self, shape: Sequence[int]) -> int:
         """:math:`n_{batch}\\, r\\,(n_{in} + n_{out})`."""

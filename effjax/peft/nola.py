@@ -59,8 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from effjax.peft.base import AdapterMethod, AdapterNode, adapter_node
-from effjax.peft.layout import KernelLayout, place_like
-from effjax.peft.lora import _axes_field
+from effjax.peft.layout import KernelAxesConfig, KernelLayout, place_like
 
 __all__ = ["NOLA", "NOLAWeight", "nola_bases"]
 
@@ -106,7 +105,7 @@ def _bases(seed, rank, num_basis_a, num_basis_b, n_in, n_out, dtype):  # compile
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class NOLA(AdapterMethod):
+class NOLA(KernelAxesConfig, AdapterMethod):
     """NOLA method config (a rule value of :func:`effjax.peft.inject`).
 
     :math:`W' = W + s\\,AB`, :math:`A = A_0 + \\sum_i \\alpha_i A_i`,
@@ -157,24 +156,12 @@ class NOLA(AdapterMethod):
         if not math.isfinite(self.alpha):
             raise ValueError(f"NOLA alpha must be finite, got {self.alpha}")
         object.__setattr__(self, "alpha", float(self.alpha))
-        if self.dtype is not None:
-            dt = jnp.dtype(self.dtype)
-            if not jnp.issubdtype(dt, jnp.floating):
-                raise TypeError(f"NOLA dtype must be a floating dtype, got {dt}")
-            object.__setattr__(self, "dtype", dt)
-        object.__setattr__(self, "in_axes", _axes_field(self.in_axes, "in_axes"))
-        object.__setattr__(self, "out_axes", _axes_field(self.out_axes, "out_axes"))
-        object.__setattr__(self, "batch_axes", _axes_field(self.batch_axes, "batch_axes"))
+        self._normalize_dtype_and_axes("NOLA")
 
     @property
     def scale(self) -> float:
         """:math:`s = \\text{alpha} / r`."""
         return self.alpha / self.rank
-
-    def layout(self, shape: Sequence[int]) -> KernelLayout:
-        """The kernel layout this config gives a weight of ``shape``."""
-        return KernelLayout.resolve(shape, in_axes=self.in_axes, out_axes=self.out_axes,
-                                    batch_axes=self.batch_axes)
 
     def num_trainable(self, shape: Sequence[int]) -> int:
         """:math:`n_{batch}\\,(k + l)`."""

@@ -65,8 +65,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from effjax.peft.base import AdapterMethod, AdapterNode, adapter_node
-from effjax.peft.layout import KernelLayout, place_like
-from effjax.peft.lora import _axes_field
+from effjax.peft.layout import KernelAxesConfig, KernelLayout, place_like
 
 __all__ = ["VeRA", "VeRAWeight", "vera_projections"]
 
@@ -119,7 +118,7 @@ def _projections(seed, rank, n_in, n_out, fan_in, dtype):  # jitted: compiled on
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class VeRA(AdapterMethod):
+class VeRA(KernelAxesConfig, AdapterMethod):
     """VeRA method config (a rule value of :func:`effjax.peft.inject`).
 
     :math:`W' = W + (A\\,\\mathrm{diag}(d)\\,B)\\,\\mathrm{diag}(b)` with frozen random
@@ -170,19 +169,7 @@ class VeRA(AdapterMethod):
         if not math.isfinite(self.d_initial):
             raise ValueError(f"VeRA d_initial must be finite, got {self.d_initial}")
         object.__setattr__(self, "d_initial", float(self.d_initial))
-        if self.dtype is not None:
-            dt = jnp.dtype(self.dtype)
-            if not jnp.issubdtype(dt, jnp.floating):
-                raise TypeError(f"VeRA dtype must be a floating dtype, got {dt}")
-            object.__setattr__(self, "dtype", dt)
-        object.__setattr__(self, "in_axes", _axes_field(self.in_axes, "in_axes"))
-        object.__setattr__(self, "out_axes", _axes_field(self.out_axes, "out_axes"))
-        object.__setattr__(self, "batch_axes", _axes_field(self.batch_axes, "batch_axes"))
-
-    def layout(self, shape: Sequence[int]) -> KernelLayout:
-        """The kernel layout this config gives a weight of ``shape``."""
-        return KernelLayout.resolve(shape, in_axes=self.in_axes, out_axes=self.out_axes,
-                                    batch_axes=self.batch_axes)
+        self._normalize_dtype_and_axes("VeRA")
 
     def num_trainable(self, shape: Sequence[int]) -> int:
         """:math:`n_{batch}\\,(r + n_{out})`."""
