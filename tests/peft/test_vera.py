@@ -207,8 +207,7 @@ def test_bfloat16_params():
 
 
 def test_sharded_kernel_keeps_sharding_under_jit():
-    if jax.device_count() < 8:
-        pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+    assert jax.device_count() >= 8, "tests/conftest.py sets 8 CPU devices"
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("x", "y"))
     w = jax.device_put(jnp.asarray(np.random.default_rng(0).standard_normal((16, 8)),
                                    jnp.float32), NamedSharding(mesh, PartitionSpec("x", "y")))
@@ -231,9 +230,9 @@ def _t2n(t):
 
 @pytest.mark.peer
 def test_outputs_merge_and_counts_match_peft_with_the_same_weights():
-    flax_nn = pytest.importorskip("flax.linen")
-    peft = pytest.importorskip("peft")
-    torch = pytest.importorskip("torch")
+    import flax.linen as flax_nn
+    import peft
+    import torch
 
     class MLP(flax_nn.Module):  # torch's Sequential(Linear(6, 16), ReLU, Linear(16, 5))
         @flax_nn.compact
@@ -304,8 +303,8 @@ def _ks_statistic(x, y):
 @pytest.mark.peer
 def test_random_matrices_have_peft_distribution():
     """Two targeted layers (in 256 and 64): max_in=256 gives PEFT's law for A and B."""
-    peft = pytest.importorskip("peft")
-    torch = pytest.importorskip("torch")
+    import peft
+    import torch
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(256, 64), torch.nn.Linear(64, 32))
     pm = peft.get_peft_model(model, peft.VeraConfig(r=16, target_modules=["0", "1"]))
