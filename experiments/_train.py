@@ -3,6 +3,7 @@ training run with progress bar, evaluation, and result tables/plots."""
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import statistics
@@ -53,10 +54,17 @@ def train_step(graph, loss_fn: Callable, opt: optax.GradientTransformation):
     return jax.jit(step, donate_argnums=(0, 1))
 
 
+@functools.lru_cache(maxsize=64)
+def _jitted_metric(graph, metric_fn: Callable):
+    """One compiled ``metric(model, batch)`` per (graph, metric): evaluations during a run reuse
+    it instead of tracing and compiling again at every call."""
+    return jax.jit(lambda p, b: metric_fn(nnx.merge(graph, p), b))
+
+
 def evaluate(graph, params, metric_fn: Callable, data: np.ndarray | dict, batch_size: int):
     """Mean of ``metric_fn(model, batch)`` over ``data`` in full batches (the tail is dropped
     only if it is shorter than a batch; batches are equally weighted)."""
-    fn = jax.jit(lambda p, b: metric_fn(nnx.merge(graph, p), b))
+    fn = _jitted_metric(graph, metric_fn)
     n = len(data) if not isinstance(data, dict) else len(next(iter(data.values())))
     values = []
     for start in range(0, max(n - batch_size + 1, 1), batch_size):
