@@ -78,9 +78,18 @@ class AdapterMethod(abc.ABC):
     dtype) so that :func:`effjax.peft.save_adapters` can store the config beside the weights.
     """
 
+    #: What data-driven inits need beside the weight: None (nothing), ``"inputs"`` (statistics of
+    #: the layer's inputs, from :func:`effjax.peft.calibrate`) or ``"gradients"`` (the loss
+    #: gradient of the leaf on a batch). :func:`effjax.peft.inject` passes the leaf's entry of
+    #: its ``calibration`` mapping as ``adapt(key, w, data=...)`` to such methods.
+    calibration: ClassVar[str | None] = None
+
     @abc.abstractmethod
     def adapt(self, key: jax.Array, w: jax.Array) -> AdapterNode:
-        """The node that replaces the leaf ``w``; ``key`` is this leaf's own PRNG key."""
+        """The node that replaces the leaf ``w``; ``key`` is this leaf's own PRNG key.
+
+        Methods with a ``calibration`` kind take a third keyword argument ``data`` (the leaf's
+        calibration entry)."""
 
     @abc.abstractmethod
     def num_trainable(self, shape: Sequence[int]) -> int:

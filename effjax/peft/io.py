@@ -89,7 +89,7 @@ def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_adapters(path: str | os.PathLike, base_params: Any, rules: Any = None, *,
-                  key: jax.Array | None = None) -> Any:
+                  key: jax.Array | None = None, calibration: Any = None) -> Any:
     """Rebuild the adapted tree saved by :func:`save_adapters` on top of ``base_params``.
 
     Args:
@@ -100,6 +100,8 @@ def load_adapters(path: str | os.PathLike, base_params: Any, rules: Any = None, 
         other leaf.
       key: the injection key, needed only by methods with random frozen fields (default
         ``jax.random.key(0)``; trainable fields are overwritten by the stored arrays).
+      calibration: the ``{path: data}`` given to :func:`inject`, needed only by data-driven
+        methods whose frozen fields depend on the data (e.g. CorDA's residual weight).
 
     Returns:
       The adapted tree, trainable fields restored with the shardings of the fresh nodes.
@@ -116,7 +118,7 @@ def load_adapters(path: str | os.PathLike, base_params: Any, rules: Any = None, 
     if rules is None:
         rules = {re.escape(p): m for p, m in stored.items()}
     key = jax.random.key(0) if key is None else key
-    tree = inject(base_params, rules, key=key)
+    tree = inject(base_params, rules, key=key, calibration=calibration)
     nodes = adapter_paths(tree)
     for p in sorted(set(stored) | set(nodes)):
         if p not in nodes:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -64,7 +65,8 @@ def adapter_paths(tree: Any) -> dict[str, AdapterNode]:
     return {p: x for p, x in zip(paths, leaves) if is_adapter(x)}
 
 
-def inject(params: Any, rules: Any, *, key: jax.Array) -> Any:
+def inject(params: Any, rules: Any, *, key: jax.Array,
+           calibration: Mapping[str, Any] | None = None) -> Any:
     """Replace the leaves chosen by ``rules`` with adapter nodes.
 
     For each leaf, the first rule whose regex fullmatches its ``'/'``-joined path
@@ -79,6 +81,10 @@ def inject(params: Any, rules: Any, *, key: jax.Array) -> Any:
         hold adapter nodes (from an earlier ``inject``); those are kept but cannot be targeted.
       rules: ordered mapping (or sequence of pairs) ``{regex: method | None}``.
       key: a PRNG key; each leaf gets ``fold_in(key, crc32(path))`` (:func:`leaf_key`).
+      calibration: ``{path: data}`` for data-driven methods (those whose ``calibration`` class
+        attribute is ``"inputs"`` or ``"gradients"``, e.g. EVA, CorDA, LoRA-SB): the leaf's
+        entry is passed as ``adapt(key, w, data=...)``. Build it with
+        :func:`effjax.peft.calibrate` (inputs) or from ``jax.grad`` of the loss (gradients).
 
     Returns:
       A new tree of the same structure with adapter nodes at the targeted leaves.
@@ -116,8 +122,16 @@ def inject(params: Any, rules: Any, *, key: jax.Array) -> Any:
         dtype = getattr(leaf, "dtype", None)
         if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
             raise TypeError(f"{where}: {method.name} needs a floating array")
+        kind = getattr(method, "calibration", None)
+        extra = {}
+        if kind is not None:
+            if calibration is None or path not in calibration:
+                raise ValueError(f"{where}: {method.name} needs calibration data ({kind}) for "
+                                 f"this leaf; pass inject(..., calibration={{'{path}': ...}}) "
+                                 f"(see effjax.peft.calibrate)")
+            extra["data"] = calibration[path]
         try:
-            node = method.adapt(leaf_key(key, path), leaf)
+            node = method.adapt(leaf_key(key, path), leaf, **extra)
         except (ValueError, TypeError) as e:
             raise type(e)(f"{where}: {e}") from None
         out.append(node)

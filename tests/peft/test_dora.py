@@ -31,7 +31,9 @@ from effjax.peft import (
     trainable_mask,
 )
 from effjax.peft.dora import DoRA, DoRAWeight
-from tests.peft.test_conformance import _params, _paths, _perturb
+from tests.peft.conformance_case import params_for as _params
+from tests.peft.conformance_case import paths as _paths
+from tests.peft.conformance_case import perturb as _perturb
 
 # name: (method, shape, trainable count by hand, einsum of A B, input axes of the kernel)
 CASES = {

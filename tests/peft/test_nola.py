@@ -22,7 +22,9 @@ from effjax.peft import (
     trainable_mask,
 )
 from effjax.peft.nola import NOLA, NOLAWeight, nola_bases
-from tests.peft.test_conformance import _params, _paths, _perturb
+from tests.peft.conformance_case import params_for as _params
+from tests.peft.conformance_case import paths as _paths
+from tests.peft.conformance_case import perturb as _perturb
 
 # name: (method, kernel shape, trainable count by hand)
 CASES = {

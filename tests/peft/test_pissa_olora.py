@@ -14,7 +14,9 @@ import pytest
 import torch
 
 from effjax.peft import LoRA, inject, load_adapters, materialize, save_adapters, split, summary
-from tests.peft.test_conformance import _params, _paths, _perturb
+from tests.peft.conformance_case import params_for as _params
+from tests.peft.conformance_case import paths as _paths
+from tests.peft.conformance_case import perturb as _perturb
 
 # name: (kernel shape, layout kwargs, n_batch, n_in, n_out)
 LAYOUTS = {

@@ -262,3 +262,29 @@ def test_load_rejects_mismatched_rules(linen, tmp_path):
         load_adapters(tmp_path / "ad", variables, {r".*kernel": LoRA(rank=2)})
     with pytest.raises(ValueError, match="no adapter nodes"):
         save_adapters(tmp_path / "none", variables)
+
+
+def test_calibrated_methods_get_their_leaf_data_and_missing_data_raises():
+    import dataclasses
+
+    from effjax.peft import AdapterMethod, Unfreeze
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class AddData(AdapterMethod):  # toy data-driven method: W' = W + data (via Unfreeze's node)
+        calibration = "gradients"
+
+        def adapt(self, key, w, data=None):
+            return Unfreeze().adapt(key, w + data)
+
+        def num_trainable(self, shape):
+            return int(np.prod(shape))
+
+    params = {"a": {"kernel": jnp.ones((2, 3))}, "b": {"kernel": jnp.ones((2, 3))}}
+    calib = {"a/kernel": jnp.full((2, 3), 2.0), "b/kernel": jnp.full((2, 3), 5.0)}
+    tree = inject(params, {r".*/kernel": AddData()}, key=jax.random.key(0), calibration=calib)
+    out = materialize(tree)
+    np.testing.assert_array_equal(np.asarray(out["a"]["kernel"]), 3.0)
+    np.testing.assert_array_equal(np.asarray(out["b"]["kernel"]), 6.0)
+    with pytest.raises(ValueError, match=r"leaf 'b/kernel'.*needs calibration data \(gradients\)"):
+        inject(params, {r".*/kernel": AddData()}, key=jax.random.key(0),
+               calibration={"a/kernel": calib["a/kernel"]})

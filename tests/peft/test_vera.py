@@ -25,7 +25,9 @@ from effjax.peft import (
     trainable_mask,
 )
 from effjax.peft.vera import VeRA, VeRAWeight, vera_projections
-from tests.peft.test_conformance import _params, _paths, _perturb
+from tests.peft.conformance_case import params_for as _params
+from tests.peft.conformance_case import paths as _paths
+from tests.peft.conformance_case import perturb as _perturb
 
 # name: (method, kernel shape, trainable count by hand, einsum a, d, b, lambda_b -> delta)
 CASES = {
