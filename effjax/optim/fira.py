@@ -93,13 +93,14 @@ def fira(
     proj_type: str = "std",
     projection_mask: Any = None,
     stacked: bool = False,
+    row_axes: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Fira around ``inner``: GaLore's update plus the limited, scaled residual ``S_t``.
 
     Args:
       inner: optimizer on the low-rank gradients (default ``optax.scale_by_adam()``); keep
         learning rates out of it (see the module docstring).
-      rank, update_proj_gap, scale, proj_type, projection_mask, stacked: as in
+      rank, update_proj_gap, scale, proj_type, projection_mask, stacked, row_axes: as in
         :func:`effjax.optim.galore.galore`.
       gamma: the norm-growth limit ``||S_t|| <= gamma ||S_{t-1}||`` (paper and official: 1.01);
         ``None`` turns the limiter off.
@@ -121,7 +122,8 @@ def fira(
     _check_gamma(gamma)
     return low_rank_transform(inner, rank=rank, update_proj_gap=update_proj_gap, scale=scale,
                               proj_type=proj_type, projection_mask=projection_mask,
-                              stacked=stacked, fira=True, gamma=gamma, where="fira")
+                              stacked=stacked, fira=True, gamma=gamma, where="fira",
+                              row_axes=row_axes)
 
 
 def fira_adamw(
@@ -139,6 +141,7 @@ def fira_adamw(
     proj_type: str = "std",
     projection_mask: Any = None,
     stacked: bool = False,
+    row_axes: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """The official ``FiraAdamW`` step as an optax chain.
 
@@ -161,7 +164,7 @@ def fira_adamw(
         low_rank_transform(scale_by_adam_uncorrected(b1, b2, eps), rank=rank,
                            update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type,
                            projection_mask=projection_mask, stacked=stacked, fira=True,
-                           gamma=gamma, where="fira_adamw"),
+                           gamma=gamma, where="fira_adamw", row_axes=row_axes),
         adam_bias_correction(b1, b2),
         optax.add_decayed_weights(weight_decay, mask),
         optax.scale_by_learning_rate(learning_rate),

@@ -23,7 +23,8 @@ Every other leaf (biases, norms, matrices no larger than the rank, leaves masked
 through to the inner optimizer unchanged and unscaled, as the official code's non-GaLore
 parameter group does. Leaves with more than two axes pass through, or with ``stacked=True``
 are treated as stacks of matrices over their last two axes (scanned layers ``(L, m, n)``):
-each matrix gets its own SVD and projector.
+each matrix gets its own SVD and projector. ``row_axes`` views einsum kernels as matrices
+(attention ``(d, heads, head_dim)`` as ``(d, heads * head_dim)``), so they are projected too.
 
 The inner optimizer receives ``params=None`` (its update sees low-rank shapes): use
 scale-type transformations (``optax.scale_by_adam()``, ``optax.adam(lr)``,
@@ -146,22 +147,56 @@ def check_low_rank_args(*, rank, update_proj_gap, scale, proj_type, where: str) 
     return int(rank)
 
 
+def _per_leaf(arg, tree, treedef, where, name, ok, what):
+    """One value per leaf of ``tree`` from ``arg`` (a tree, a prefix tree or a callable on
+    ``tree``), each checked by ``ok`` (the error says ``what`` was expected)."""
+    value = arg(tree) if callable(arg) else arg
+    try:
+        full = jax.tree.map(lambda m, sub: jax.tree.map(lambda _: m, sub), value, tree,
+                            is_leaf=lambda v: v is None)
+        flags = treedef.flatten_up_to(full)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{where}: {name} must be a tree of {what} with the structure "
+                         f"of the parameters (or a prefix of it): {e}") from None
+    for f in flags:
+        if not ok(f):
+            raise ValueError(f"{where}: {name} leaves must be {what}, got {f!r}")
+    return flags
+
+
 def _mask_leaves(projection_mask, tree, treedef, where):
     """One bool per leaf of ``tree`` (``projection_mask`` may be a prefix tree or callable)."""
     if projection_mask is None:
         return [True] * treedef.num_leaves
-    mask = projection_mask(tree) if callable(projection_mask) else projection_mask
-    try:
-        full = jax.tree.map(lambda m, sub: jax.tree.map(lambda _: m, sub), mask, tree)
-        flags = treedef.flatten_up_to(full)
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"{where}: projection_mask must be a tree of bools with the structure "
-                         f"of the parameters (or a prefix of it): {e}") from None
-    for f in flags:
-        if not isinstance(f, (bool, np.bool_)):
-            raise ValueError(f"{where}: projection_mask leaves must be Python bools, got "
-                             f"{type(f).__name__}")
+    flags = _per_leaf(projection_mask, tree, treedef, where, "projection_mask",
+                      lambda f: isinstance(f, (bool, np.bool_)), "Python bools")
     return [bool(f) for f in flags]
+
+
+def _row_counts(row_axes, tree, treedef, where):
+    """One ``int | None`` per leaf: how many leading (non-stack) axes form the matrix rows."""
+    if row_axes is None:
+        return [None] * treedef.num_leaves
+    if isinstance(row_axes, (int, np.integer)) and not isinstance(row_axes, bool):
+        row_axes = int(row_axes)
+    ok = lambda k: k is None or (isinstance(k, (int, np.integer)) and not isinstance(k, bool)
+                                 and k >= 1)
+    return _per_leaf(row_axes, tree, treedef, where, "row_axes", ok, "None or ints >= 1")
+
+
+def _matrix_view(shape, k, stacked, path, where):
+    """``shape`` seen as matrices: ``(prod(shape[:k]), prod(shape[k:]))``, after the stack
+    axis with ``stacked``. Leaves with at most 2 (non-stack) axes, or ``k=None``, keep their
+    shape."""
+    if k is None or len(shape) <= 2 + bool(stacked):
+        return shape
+    lead = shape[:1] if stacked else ()
+    rest = shape[len(lead):]
+    if not 1 <= k < len(rest):
+        raise ValueError(f"{where}: row_axes={k} for parameter {path} of shape {shape} leaves "
+                         f"no column axis (stacked={stacked}); it needs 1 <= row_axes < "
+                         f"{len(rest)}, or None for this leaf")
+    return lead + (int(np.prod(rest[:k])), int(np.prod(rest[k:])))
 
 
 def _plan(shape, eligible: bool, rank: int, proj_type: str, stacked: bool) -> _Plan | None:
@@ -177,13 +212,21 @@ def _plan(shape, eligible: bool, rank: int, proj_type: str, stacked: bool) -> _P
     return _Plan(side, r) if shrinks else None
 
 
-def _plans(tree, projection_mask, rank, proj_type, stacked, where):
+def _plans(tree, projection_mask, rank, proj_type, stacked, row_axes, where):
+    """Per leaf: the leaf, its path, its plan (None: passes through) and its matrix view shape
+    (the leaf's own shape when it passes through)."""
     leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
     flags = _mask_leaves(projection_mask, tree, treedef, where)
+    rows = _row_counts(row_axes, tree, treedef, where)
     paths = [jax.tree_util.keystr(p) or "<root>" for p, _ in leaves]
-    plans = [_plan(tuple(x.shape), f, rank, proj_type, stacked)
-             for (_, x), f in zip(leaves, flags, strict=True)]
-    return [x for _, x in leaves], treedef, paths, plans
+    views, plans = [], []
+    for (_, x), f, k, path in zip(leaves, flags, rows, paths, strict=True):
+        shape = tuple(x.shape)
+        view = _matrix_view(shape, k, stacked, path, where) if f else shape
+        plan = _plan(view, f, rank, proj_type, stacked)
+        plans.append(plan)
+        views.append(shape if plan is None else view)
+    return [x for _, x in leaves], treedef, paths, plans, views
 
 
 def _projector_shapes(shape, plan: _Plan):
@@ -266,7 +309,7 @@ def _limit(s, prev, first, gamma):
 # The transformation -----------------------------------------------------------------------------
 
 def low_rank_transform(inner, *, rank, update_proj_gap, scale, proj_type, projection_mask,
-                       stacked, fira, gamma, where):
+                       stacked, fira, gamma, where, row_axes=None):
     """Build GaLore (``fira=False``) or Fira (``fira=True``); see :func:`galore`."""
     rank = check_low_rank_args(rank=rank, update_proj_gap=update_proj_gap, scale=scale,
                                proj_type=proj_type, where=where)
@@ -280,12 +323,12 @@ def low_rank_transform(inner, *, rank, update_proj_gap, scale, proj_type, projec
         state_cls = FiraState
 
     def plans_of(tree):
-        return _plans(tree, projection_mask, rank, proj_type, stacked, where)
+        return _plans(tree, projection_mask, rank, proj_type, stacked, row_axes, where)
 
     def init_fn(params):
-        leaves, treedef, paths, plans = plans_of(params)
+        leaves, treedef, paths, plans, views = plans_of(params)
         lefts, rights, proxies, norms = [], [], [], []
-        for x, path, plan in zip(leaves, paths, plans, strict=True):
+        for x, path, plan, view in zip(leaves, paths, plans, views, strict=True):
             if plan is None:
                 lefts.append(optax.MaskedNode())
                 rights.append(optax.MaskedNode())
@@ -296,11 +339,11 @@ def low_rank_transform(inner, *, rank, update_proj_gap, scale, proj_type, projec
                 raise TypeError(f"{where}: parameter {path} has dtype {x.dtype}; projected "
                                 "leaves must be floating point (exclude it with "
                                 "projection_mask or cast it)")
-            lshape, rshape = _projector_shapes(x.shape, plan)
+            lshape, rshape = _projector_shapes(view, plan)
             lefts.append(optax.MaskedNode() if lshape is None else jnp.zeros(lshape, x.dtype))
             rights.append(optax.MaskedNode() if rshape is None else jnp.zeros(rshape, x.dtype))
-            norms.append(jnp.zeros(x.shape[:-2], jnp.float32))
-            proxies.append(jnp.zeros(_low_shape(x.shape, plan), x.dtype))
+            norms.append(jnp.zeros(view[:-2], jnp.float32))
+            proxies.append(jnp.zeros(_low_shape(view, plan), x.dtype))
         fields = dict(count=jnp.zeros([], jnp.int32), left=treedef.unflatten(lefts),
                       right=treedef.unflatten(rights),
                       inner_state=inner.init(treedef.unflatten(proxies)))
@@ -310,11 +353,12 @@ def low_rank_transform(inner, *, rank, update_proj_gap, scale, proj_type, projec
 
     def update_fn(updates, state, params=None, **extra_args):
         del params  # the inner optimizer works on low-rank shapes: it gets params=None
-        leaves, treedef, paths, plans = plans_of(updates)
+        leaves, treedef, paths, plans, views = plans_of(updates)
         lefts = treedef.flatten_up_to(state.left)
         rights = treedef.flatten_up_to(state.right)
-        for x, path, plan, lp, rp in zip(leaves, paths, plans, lefts, rights, strict=True):
-            want = (None, None) if plan is None else _projector_shapes(x.shape, plan)
+        for x, path, plan, view, lp, rp in zip(leaves, paths, plans, views, lefts, rights,
+                                               strict=True):
+            want = (None, None) if plan is None else _projector_shapes(view, plan)
             have = tuple(None if isinstance(p, optax.MaskedNode) else tuple(p.shape)
                          for p in (lp, rp))
             if want != have:
@@ -322,7 +366,8 @@ def low_rank_transform(inner, *, rank, update_proj_gap, scale, proj_type, projec
                                  f"needs projectors {want}, but the state holds {have}; was "
                                  "the state initialised with parameters of other shapes?")
         finite = [jnp.isfinite(g) for g in leaves]
-        gs = [jnp.where(f, g, jnp.zeros_like(g)) for g, f in zip(leaves, finite)]
+        gs = [jnp.where(f, g, jnp.zeros_like(g)).reshape(v)
+              for g, f, v in zip(leaves, finite, views)]
         idx = [i for i, p in enumerate(plans) if p is not None]
 
         def refresh():
@@ -351,7 +396,7 @@ def low_rank_transform(inner, *, rank, update_proj_gap, scale, proj_type, projec
                 s = _fira_residual(gs[i], lows[i], low_u[i], lefts[i], rights[i], p, scale)
                 s, norms[i] = _limit(s, norms[i], state.count == 0, gamma)
                 u = u + s
-            out[i] = u.astype(leaves[i].dtype)
+            out[i] = u.astype(leaves[i].dtype).reshape(leaves[i].shape)
         out = [jnp.where(f, u, jnp.zeros_like(u)) for u, f in zip(out, finite)]
         fields = dict(count=optax.safe_int32_increment(state.count),
                       left=treedef.unflatten(lefts), right=treedef.unflatten(rights),
@@ -372,6 +417,7 @@ def galore(
     proj_type: str = "std",
     projection_mask: Any = None,
     stacked: bool = False,
+    row_axes: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """GaLore around ``inner``: ``u = scale * P inner(P^T G)`` (or ``inner(G Q^T) Q``).
 
@@ -386,7 +432,15 @@ def galore(
         ``'right'`` or ``'full'``.
       projection_mask: tree (or prefix tree, or callable on params) of bools; ``False`` leaves
         pass through. Default: every 2-D leaf whose projection shrinks an axis.
-      stacked: treat leaves with more than 2 axes as stacks of matrices over the last two.
+      stacked: treat leaves with more than 2 axes as stacks of matrices over the last two
+        (with ``row_axes``: the first axis is the stack).
+      row_axes: view multi-axis leaves as matrices: ``k`` means the first ``k`` axes (after
+        the stack axis with ``stacked``) form the rows and the others the columns, e.g. 1 for
+        attention kernels ``(d, heads, head_dim)`` -> ``(d, heads * head_dim)`` and 2 for
+        output kernels ``(heads, head_dim, d)`` -> ``(heads * head_dim, d)``. An int for all
+        leaves, or a (prefix) tree / callable on params of ints or None (None: as is); it
+        applies to leaves with more than 2 axes (3 with ``stacked``), others are unchanged. Only
+        reshapes of contiguous axes: no transposes, so projecting is as cheap as for 2-D.
 
     Returns:
       A ``GradientTransformationExtraArgs`` with a :class:`GaLoreState`.
@@ -407,7 +461,8 @@ def galore(
     """
     return low_rank_transform(inner, rank=rank, update_proj_gap=update_proj_gap, scale=scale,
                               proj_type=proj_type, projection_mask=projection_mask,
-                              stacked=stacked, fira=False, gamma=None, where="galore")
+                              stacked=stacked, fira=False, gamma=None, where="galore",
+                              row_axes=row_axes)
 
 
 # The official Adam, split so that the bias correction can come after the projection --------
@@ -458,6 +513,7 @@ def galore_adamw(
     proj_type: str = "std",
     projection_mask: Any = None,
     stacked: bool = False,
+    row_axes: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """The official ``GaLoreAdamW`` step as an optax chain.
 
@@ -480,7 +536,7 @@ def galore_adamw(
         low_rank_transform(scale_by_adam_uncorrected(b1, b2, eps), rank=rank,
                            update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type,
                            projection_mask=projection_mask, stacked=stacked, fira=False,
-                           gamma=None, where="galore_adamw"),
+                           gamma=None, where="galore_adamw", row_axes=row_axes),
         adam_bias_correction(b1, b2),
         optax.add_decayed_weights(weight_decay, mask),
         optax.scale_by_learning_rate(learning_rate),

@@ -303,6 +303,54 @@ def test_stacked_leaf_equals_separate_matrices():
                                    ref_state.residual_norm[f"s{i}"], rtol=1e-5)
 
 
+@pytest.mark.parametrize("make", [galore_adamw, fira_adamw])
+def test_row_axes_views_einsum_kernels_as_matrices(make):
+    """An attention kernel (d, heads, head_dim) with row_axes=1 and an output kernel
+    (heads, head_dim, d) with row_axes=2 step exactly as the reshaped 2-D matrices would; a
+    stacked (L, d, heads, head_dim) leaf as L matrices (d, heads * head_dim)."""
+    shapes = {"q": (12, 4, 6), "o": (4, 6, 12), "b": (12,)}
+    grads = _grad_sequence({"q": (12, 24), "o": (24, 12), "b": (12,)}, 5, seed=7)
+    nd = {"q": grads["q"].reshape(5, *shapes["q"]), "o": grads["o"].reshape(5, *shapes["o"]),
+          "b": grads["b"]}
+    params = {k: np.zeros(v, np.float32) for k, v in shapes.items()}
+    flat_params = {"q": np.zeros((12, 24), np.float32), "o": np.zeros((24, 12), np.float32),
+                   "b": np.zeros(12, np.float32)}
+    opt = make(LR, rank=RANK, update_proj_gap=3, row_axes={"q": 1, "o": 2, "b": None})
+    _, (ups, state) = _run(opt, nd, params)
+    _, (ref, ref_state) = _run(make(LR, rank=RANK, update_proj_gap=3), grads, flat_params)
+    for k in shapes:
+        assert ups[k].shape == (5, *shapes[k])
+        np.testing.assert_allclose(ups[k].reshape(ref[k].shape), ref[k], rtol=1e-5,
+                                   atol=1e-6 * np.abs(ref[k]).max())
+    # low-rank moments, as for the 2-D matrices (leading axis: steps)
+    assert state.inner_state.mu["q"].shape == ref_state.inner_state.mu["q"].shape
+    assert state.inner_state.mu["o"].shape == ref_state.inner_state.mu["o"].shape
+    # without row_axes the 3-D leaves pass through: full-size moments
+    _, (_, plain_state) = _run(make(LR, rank=RANK, update_proj_gap=3), nd, params)
+    assert plain_state.inner_state.mu["q"].shape[1:] == (12, 4, 6)
+    # stacked: each (d, heads * head_dim) slice on its own
+    stacked = {"s": np.stack([nd["q"], nd["q"] * 0.5 + 1.0], axis=1)}  # (steps, 2, 12, 4, 6)
+    _, (sups, _) = _run(make(LR, rank=RANK, update_proj_gap=3, stacked=True, row_axes=1),
+                        stacked, {"s": np.zeros((2, 12, 4, 6), np.float32)})
+    for i in range(2):
+        one = {"q": stacked["s"][:, i].reshape(5, 12, 24)}
+        _, (r1, _) = _run(make(LR, rank=RANK, update_proj_gap=3), one,
+                          {"q": np.zeros((12, 24), np.float32)})
+        np.testing.assert_allclose(sups["s"][:, i].reshape(5, 12, 24), r1["q"], rtol=1e-5,
+                                   atol=1e-6 * np.abs(r1["q"]).max())
+
+
+def test_row_axes_errors_name_the_leaf():
+    with pytest.raises(ValueError, match=r"row_axes=3.*\['q'\].*\(12, 4, 6\)"):
+        galore(rank=2, row_axes=3).init({"q": jnp.zeros((12, 4, 6))})
+    with pytest.raises(ValueError, match="row_axes"):
+        galore(rank=2, row_axes={"q": 0}).init({"q": jnp.zeros((12, 4, 6))})
+    # an int for all leaves leaves 1-D and 2-D leaves alone
+    st = galore(rank=2, row_axes=1).init({"q": jnp.zeros((12, 4, 6)), "b": jnp.zeros(3),
+                                          "w": jnp.zeros((8, 6))})
+    assert st.inner_state.mu["b"].shape == (3,) and st.right["w"].shape == (2, 6)
+
+
 # 3. optax.contrib.galore -------------------------------------------------------------------------
 
 def test_equals_optax_contrib_galore_until_first_refresh():
