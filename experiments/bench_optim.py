@@ -61,9 +61,18 @@ def transformer_tree(vocab, d, layers, heads, key=0):
 
 def galore_rank(d_model):
     """GaLore/Fira rank for a tree of width ``d_model``: 128 (the paper's smallest) from
-    d = 256 up, else d / 4. Only 2-D leaves are projected; the tree's 3-D attention kernels,
-    vectors and matrices no wider than the rank keep full Adam moments."""
+    d = 256 up, else d / 4. Plain ``galore_adamw`` projects only 2-D leaves: the tree's 3-D
+    attention kernels, vectors and matrices no wider than the rank keep full Adam moments;
+    the ``+einsum`` rows also project the attention kernels (``row_axes``)."""
     return 128 if d_model is None or d_model >= 256 else max(1, d_model // 4)
+
+
+def einsum_row_axes(params):
+    """``row_axes`` for :func:`transformer_tree`: attention input kernels ``(d, heads,
+    head_dim)`` have 1 row axis, the output kernel ``(heads, head_dim, d)`` 2."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: (2 if "'out'" in jax.tree_util.keystr(path) else 1) if x.ndim == 3
+        else None, params)
 
 
 def optimizers(d_model=None):
@@ -80,6 +89,8 @@ def optimizers(d_model=None):
         "ademamix_8bit": optim.ademamix_8bit(lr),
         "galore_adamw": galore_adamw(lr, rank=rank),
         "fira_adamw": fira_adamw(lr, rank=rank),
+        "galore_adamw+einsum": galore_adamw(lr, rank=rank, row_axes=einsum_row_axes),
+        "fira_adamw+einsum": fira_adamw(lr, rank=rank, row_axes=einsum_row_axes),
     }
 
 

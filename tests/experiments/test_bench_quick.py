@@ -19,3 +19,8 @@ def test_bench_optim_quick(tmp_path):
     assert by_name["adamw_8bit"]["bytes_per_param"] < 2.2
     assert by_name["adamw_4bit"]["bytes_per_param"] < by_name["adamw_8bit"]["bytes_per_param"]
     assert all(r["step_ms"] > 0 for r in data["rows"])
+    # projecting the attention kernels too (row_axes) leaves less full-size state
+    assert (by_name["galore_adamw+einsum"]["bytes_per_param"]
+            < by_name["galore_adamw"]["bytes_per_param"] < 8.0)
+    assert (by_name["fira_adamw+einsum"]["bytes_per_param"]
+            < by_name["fira_adamw"]["bytes_per_param"])
