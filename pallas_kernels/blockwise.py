@@ -1,0 +1,411 @@
+"""Pallas kernels for block-wise quantize / dequantize, bit-identical to ``effjax.quant``.
+
+Same format as :func:`effjax.quant.quantize_blockwise` (the pure-jnp reference, re-exported
+here as :func:`quantize_blockwise_reference` / :func:`dequantize_blockwise_reference`): blocks of
+``block_size`` consecutive elements along the (merged) last axis, ``absmax_b = max |x|`` per
+block in float32, and per element the code of the codebook value nearest to
+``x_i * (1 / absmax_b)``:
+
+    codes_i = argmin_c |codebook[c] - x_i * (1 / absmax_b)|,    x_i ~= codebook[codes_i] * absmax_b
+
+The kernels return a :class:`~effjax.quant.QuantizedArray` with the same codes (bit for bit) and
+the same absmax (exactly) as the reference, so the two are interchangeable anywhere.
+
+How the kernel tiles the array: the parameter is viewed as a 2-D ``(rows, L)`` array (``L`` the
+merged blocking length of :func:`effjax.quant.block_layout`, ``rows`` the product of the other
+axes); a program handles ``R`` rows times ``C`` whole blocks. Sizes that are not multiples of
+the block are handled in the kernel: the columns past ``L`` are masked (they count as zeros in
+the absmax, exactly as the reference's zero padding, and are never written), so no padded copy
+of the input is made. 4-bit codes are packed two per byte inside the kernel (element ``2j`` in
+the high nibble); the one layout where a byte pair would straddle rows (an odd last axis
+shorter than the block, merged with the axis before) is packed outside the kernel instead.
+
+Search and decode reuse effjax.quant's gather-free nearest-code search (the 8-bit dynamic maps
+by closed form, 16-value codebooks by 15 compares); other 256-value codebooks (8-bit linear)
+use the reference's bucket table, passed to the kernel as an input (a gather).
+
+Differentiation: quantization outputs integer codes, so it is not differentiable (``jax.grad``
+through :func:`quantize_blockwise` raises, as for any ``pallas_call``). :func:`dequantize_blockwise`
+has a ``jax.custom_vjp``: ``d out / d absmax_b = sum_{i in b} g_i * codebook[codes_i]`` (the
+reference's autodiff value, computed in jnp), and codes get a zero (float0) cotangent. The
+optimizer path differentiates neither.
+
+Backends: ``interpret=None`` runs the kernel in interpret mode on CPU (the only way Pallas runs
+there) and compiles it on GPU/TPU. The GPU/TPU lowering has not been verified on hardware yet
+(issue 6); tile shapes are powers of two as Triton requires.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+from effjax.quant import (  # the reference's own search (bit-exactness)
+    QuantizedArray,
+    _dynamic_map,
+    _search,
+    block_layout,
+)
+from effjax.quant import dequantize_blockwise as _dequantize_ref
+from effjax.quant import quantize_blockwise as _quantize_ref
+
+__all__ = [
+    "quantize_blockwise", "dequantize_blockwise", "quantize_blockwise_reference",
+    "dequantize_blockwise_reference", "resolve_interpret",
+]
+
+_FLOATS = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+_TILE_ELEMS = 4096  # elements per program on GPU/TPU
+_TILE_ELEMS_INTERPRET = 1 << 16  # interpret mode runs the grid as a serial loop: fewer steps
+
+
+def quantize_blockwise_reference(x, *, codebook, block_size=256) -> QuantizedArray:
+    """The pure-jnp reference: :func:`effjax.quant.quantize_blockwise` (nearest rounding)."""
+    return _quantize_ref(x, codebook=codebook, block_size=block_size)
+
+
+def dequantize_blockwise_reference(q: QuantizedArray) -> jax.Array:
+    """The pure-jnp reference: :func:`effjax.quant.dequantize_blockwise`."""
+    return _dequantize_ref(q)
+
+
+def resolve_interpret(interpret: bool | None) -> bool:
+    """``None`` -> interpret mode exactly when the default backend is the CPU."""
+    if interpret is None:
+        return jax.default_backend() == "cpu"
+    return bool(interpret)
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 << (max(int(n), 1).bit_length() - 1)
+
+
+class Layout(NamedTuple):
+    """Static 2-D view of a blocked array and its tiling (shared with ``optim_update``)."""
+
+    shape: tuple[int, ...]
+    rows: int  # product of the unmerged leading axes
+    length: int  # merged blocking length L
+    nblocks: int
+    block_size: int
+    bits: int
+    pack_in_kernel: bool  # 4-bit codes packed inside the kernel
+    tile_rows: int  # R
+    tile_blocks: int  # C
+
+    @property
+    def tile_cols(self) -> int:
+        return self.tile_blocks * self.block_size
+
+    @property
+    def code_cols(self) -> int:
+        """Width of the codes array in the 2-D view."""
+        if self.bits == 4 and self.pack_in_kernel:
+            return -(-self.length // 2)
+        return self.length
+
+    @property
+    def code_tile_cols(self) -> int:
+        return self.tile_cols // 2 if (self.bits == 4 and self.pack_in_kernel) else self.tile_cols
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return (-(-self.rows // self.tile_rows), -(-self.nblocks // self.tile_blocks))
+
+
+def make_layout(shape, block_size: int, bits: int, *, interpret: bool,
+                tile_elems: int | None = None) -> Layout:
+    """Tiling of an array of ``shape`` quantized in blocks of ``block_size`` (``bits`` 8 or 4)."""
+    shape = tuple(int(s) for s in shape)
+    k, length = block_layout(shape, block_size)
+    rows = math.prod(shape[: len(shape) - k])
+    nblocks = -(-length // block_size)
+    if bits == 4 and block_size % 2:
+        raise ValueError(f"4-bit codes pack two a byte: block_size must be even, got {block_size}")
+    pack_in_kernel = bits == 8 or k == 1 or shape[-1] % 2 == 0
+    if tile_elems is None:
+        tile_elems = _TILE_ELEMS_INTERPRET if interpret else _TILE_ELEMS
+    c = min(_pow2_floor(nblocks), _pow2_floor(max(1, tile_elems // block_size)))
+    r = min(_pow2_floor(rows), _pow2_floor(max(1, tile_elems // (c * block_size))))
+    return Layout(shape, rows, length, nblocks, int(block_size), bits, pack_in_kernel, r, c)
+
+
+# ----------------------------------------------------------------------------- tile helpers
+# Functions of in-kernel values (jnp arrays of one tile); also usable on whole arrays.
+
+class Codebook(NamedTuple):
+    """A codebook's static description plus the tables a kernel needs as inputs (if any)."""
+
+    values: tuple[float, ...]
+    bits: int
+    tables: tuple[np.ndarray, ...]  # () for the gather-free codebooks
+
+
+def make_codebook(values) -> Codebook:
+    values = tuple(float(v) for v in np.asarray(values, np.float32).reshape(-1))
+    bits = 4 if len(values) <= 16 else 8
+    if len(values) <= 16 or _dynamic_map.kind_of(_search.sorted_values_of(values)) is not None:
+        return Codebook(values, bits, ())
+    sorted_values = _search.sorted_values_of(values)
+    table = _search._bucket_table(sorted_values)
+    order = _search._order(values)
+    order_idx = np.arange(len(values), dtype=np.int32) if order is None else np.asarray(
+        order[1], np.int32)
+    return Codebook(values, bits, (table.rows, np.asarray(values, np.float32), order_idx))
+
+
+def _nearest_codes(y, cb: Codebook, tables):
+    """Codes (int32, the codebook's own order) of the values nearest to float32 ``y``."""
+    sorted_values = _search.sorted_values_of(cb.values)
+    if not cb.tables:
+        return _search.to_codes(_search.nearest_sorted(y, sorted_values), cb.values)
+    rows, _, order_idx = tables
+    table = _search._bucket_table(sorted_values)
+    bits = jax.lax.bitcast_convert_type(y, jnp.int32)
+    mag = jnp.bitwise_and(bits, 0x7FFFFFFF)
+    q = jnp.clip(jnp.right_shift(mag, table.shift) - table.q0, 0, table.buckets - 1)
+    q = q + jnp.where(bits < 0, table.buckets, 0)
+    row = rows.at[q].get(mode="promise_in_bounds")
+    idx = row[..., 0].astype(jnp.int32) + (y >= row[..., 1]).astype(jnp.int32)
+    return order_idx.at[idx].get(mode="promise_in_bounds")
+
+
+def _code_values(codes, cb: Codebook, tables):
+    """``codebook[codes]`` as float32."""
+    if not cb.tables:
+        return _search.value_at(codes, cb.values)
+    return tables[1].at[codes.astype(jnp.int32)].get(mode="promise_in_bounds")
+
+
+def valid_columns(shape2d, col0, length):
+    """Boolean mask of the columns of a ``(R, W)`` tile starting at column ``col0`` inside L."""
+    col = col0 + jax.lax.broadcasted_iota(jnp.int32, shape2d, 1)
+    return col < length
+
+
+def quantize_tile(x, valid, lay: Layout, cb: Codebook, tables):
+    """Quantize a float32 ``(R, C*bs)`` tile: returns ``(codes uint8, absmax (R, C) float32)``.
+
+    The expressions are the reference's (effjax.quant.quantize_blockwise), so the codes and
+    scales are bit-identical; ``valid`` masks the columns past the array's end (zeros there).
+    """
+    r, bs = x.shape[0], lay.block_size
+    xb = jnp.where(valid, x, 0.0).reshape(r, -1, bs)
+    absmax = jnp.max(jnp.abs(xb), axis=-1)
+    absmax = jnp.where(jnp.isfinite(absmax), absmax, jnp.nan)
+    pre = jnp.where(absmax >= 2.0**125, np.float32(2.0**-4), np.float32(1.0))
+    inv = jnp.where(absmax > 0, 1.0 / (absmax * pre), 0.0)
+    y = (xb * pre[..., None]) * inv[..., None]
+    codes = _nearest_codes(y, cb, tables).reshape(x.shape)
+    if lay.bits == 4 and lay.pack_in_kernel:
+        codes = jnp.where(valid, codes, 0)
+        pairs = codes.reshape(r, -1, 2)
+        codes = jnp.left_shift(pairs[..., 0], 4) | pairs[..., 1]
+    return codes.astype(jnp.uint8), absmax
+
+
+def dequantize_tile(codes, absmax, lay: Layout, cb: Codebook, tables, dtype):
+    """Inverse of :func:`quantize_tile`: ``(codebook[codes] * absmax).astype(dtype)``."""
+    if lay.bits == 4 and lay.pack_in_kernel:
+        both = jnp.stack([jnp.right_shift(codes, 4), jnp.bitwise_and(codes, 15)], axis=-1)
+        codes = both.reshape(codes.shape[0], -1)
+    vals = _code_values(codes, cb, tables)
+    r = vals.shape[0]
+    out = vals.reshape(r, -1, lay.block_size) * absmax[..., None]
+    return out.reshape(r, -1).astype(dtype)
+
+
+def pack4_outside(codes, shape):
+    """Pack unpacked 4-bit codes of ``shape`` two a byte along the last axis (odd: pad 0)."""
+    codes = codes.reshape(shape)
+    if codes.shape[-1] % 2:
+        codes = jnp.pad(codes, [(0, 0)] * (codes.ndim - 1) + [(0, 1)])
+    pairs = codes.reshape(codes.shape[:-1] + (codes.shape[-1] // 2, 2))
+    return jnp.left_shift(pairs[..., 0], 4) | pairs[..., 1]
+
+
+def unpack4_outside(packed, shape):
+    both = jnp.stack([jnp.right_shift(packed, 4), jnp.bitwise_and(packed, 15)], axis=-1)
+    out = both.reshape(packed.shape[:-1] + (packed.shape[-1] * 2,))
+    return out[..., : shape[-1]]
+
+
+def codes_2d(q: QuantizedArray, lay: Layout):
+    """The codes of ``q`` in the kernel's 2-D view (unpacked first if packing is outside)."""
+    if q.bits == 4 and not lay.pack_in_kernel:
+        return unpack4_outside(q.codes, q.shape).reshape(lay.rows, lay.length)
+    return q.codes.reshape(lay.rows, lay.code_cols)
+
+
+def codes_from_2d(codes, lay: Layout):
+    if lay.bits == 4 and not lay.pack_in_kernel:
+        return pack4_outside(codes, lay.shape)
+    if lay.bits == 4:
+        return codes.reshape(lay.shape[:-1] + (-(-lay.shape[-1] // 2),))
+    return codes.reshape(lay.shape)
+
+
+def absmax_shape(lay: Layout) -> tuple[int, ...]:
+    k = block_layout(lay.shape, lay.block_size)[0]
+    return lay.shape[: len(lay.shape) - k] + (lay.nblocks,)
+
+
+def specs(lay: Layout):
+    """BlockSpecs ``(values, codes, absmax, table)`` for the 2-D views."""
+    r, c = lay.tile_rows, lay.tile_blocks
+    value = pl.BlockSpec((r, lay.tile_cols), lambda i, j: (i, j))
+    code = pl.BlockSpec((r, lay.code_tile_cols), lambda i, j: (i, j))
+    scale = pl.BlockSpec((r, c), lambda i, j: (i, j))
+    return value, code, scale
+
+
+def table_spec(table: np.ndarray):
+    return pl.BlockSpec(table.shape, lambda i, j: (0,) * table.ndim)
+
+
+# ----------------------------------------------------------------------------- quantize
+
+def _check_x(x, block_size):
+    if not isinstance(block_size, (int, np.integer)) or isinstance(block_size, bool) \
+            or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    if jnp.dtype(x.dtype) not in _FLOATS:
+        raise TypeError(f"quantize_blockwise kernel needs a float32/bfloat16/float16 array, got "
+                        f"dtype {x.dtype} (shape {x.shape})")
+    if x.ndim == 0 or x.size == 0:
+        raise ValueError(f"quantize_blockwise kernel needs a non-empty array with at least one "
+                         f"axis, got shape {x.shape}")
+
+
+def quantize_blockwise(x, *, codebook, block_size: int = 256, interpret: bool | None = None,
+                       tile_elems: int | None = None) -> QuantizedArray:
+    """Pallas block-wise quantization; same result as :func:`effjax.quant.quantize_blockwise`.
+
+    ``absmax_b = max_{i in b} |x_i|``; ``codes_i = argmin_c |codebook[c] - x_i * (1/absmax_b)|``
+    (ties to the larger value); 16-value codebooks give 4-bit codes packed two a byte.
+
+    Args:
+      x: float32 / bfloat16 / float16 array, any shape with at least one axis.
+      codebook: 2..256 values (e.g. ``effjax.quant.dynamic_codebook()``).
+      block_size: elements per block.
+      interpret: run the kernel in interpret mode; ``None``: on CPU only.
+      tile_elems: elements a program handles (default 4096, 65536 in interpret mode).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from effjax.quant import dynamic_codebook, quantize_blockwise as reference
+      >>> from pallas_kernels.blockwise import quantize_blockwise
+      >>> x = jnp.linspace(-1.0, 1.0, 600).reshape(2, 300)
+      >>> q = quantize_blockwise(x, codebook=dynamic_codebook(), block_size=256)
+      >>> r = reference(x, codebook=dynamic_codebook(), block_size=256)
+      >>> bool((q.codes == r.codes).all()), bool((q.absmax == r.absmax).all())
+      (True, True)
+    """
+    x = jnp.asarray(x)
+    _check_x(x, block_size)
+    cb = make_codebook(codebook)
+    interp = resolve_interpret(interpret)
+    lay = make_layout(x.shape, int(block_size), cb.bits, interpret=interp, tile_elems=tile_elems)
+    value_spec, code_spec, scale_spec = specs(lay)
+
+    def kernel(x_ref, *refs):
+        tables = tuple(t[...] for t in refs[: len(cb.tables)])
+        codes_ref, absmax_ref = refs[len(cb.tables):]
+        col0 = pl.program_id(1) * lay.tile_cols
+        xt = x_ref[...].astype(jnp.float32)
+        codes, absmax = quantize_tile(xt, valid_columns(xt.shape, col0, lay.length), lay, cb,
+                                      tables)
+        codes_ref[...] = codes
+        absmax_ref[...] = absmax
+
+    codes, absmax = pl.pallas_call(
+        kernel,
+        out_shape=(jax.ShapeDtypeStruct((lay.rows, lay.code_cols), jnp.uint8),
+                   jax.ShapeDtypeStruct((lay.rows, lay.nblocks), jnp.float32)),
+        grid=lay.grid,
+        in_specs=[value_spec] + [table_spec(t) for t in cb.tables],
+        out_specs=(code_spec, scale_spec),
+        interpret=interp,
+        name="quantize_blockwise",
+    )(x.reshape(lay.rows, lay.length), *[jnp.asarray(t) for t in cb.tables])
+    return QuantizedArray(codes=codes_from_2d(codes, lay),
+                          absmax=absmax.reshape(absmax_shape(lay)), shape=tuple(x.shape),
+                          dtype=x.dtype, block_size=int(block_size), codebook=cb.values,
+                          bits=cb.bits)
+
+
+# ----------------------------------------------------------------------------- dequantize
+
+def _dequantize_fwd_impl(codes, absmax, q: QuantizedArray, interp: bool, tile_elems):
+    cb = make_codebook(q.codebook)
+    lay = make_layout(q.shape, q.block_size, q.bits, interpret=interp, tile_elems=tile_elems)
+    value_spec, code_spec, scale_spec = specs(lay)
+    qq = QuantizedArray(codes=codes, absmax=absmax, shape=q.shape, dtype=q.dtype,
+                        block_size=q.block_size, codebook=q.codebook, bits=q.bits)
+
+    def kernel(codes_ref, absmax_ref, *refs):
+        tables = tuple(t[...] for t in refs[: len(cb.tables)])
+        (out_ref,) = refs[len(cb.tables):]
+        out_ref[...] = dequantize_tile(codes_ref[...], absmax_ref[...], lay, cb, tables,
+                                       q.dtype)
+
+    out = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((lay.rows, lay.length), q.dtype),
+        grid=lay.grid,
+        in_specs=[code_spec, scale_spec] + [table_spec(t) for t in cb.tables],
+        out_specs=value_spec,
+        interpret=interp,
+        name="dequantize_blockwise",
+    )(codes_2d(qq, lay), absmax.reshape(lay.rows, lay.nblocks),
+      *[jnp.asarray(t) for t in cb.tables])
+    return out.reshape(q.shape)
+
+
+def _make_dequantize(q: QuantizedArray, interp: bool, tile_elems):
+    @jax.custom_vjp
+    def deq(codes, absmax):
+        return _dequantize_fwd_impl(codes, absmax, q, interp, tile_elems)
+
+    def fwd(codes, absmax):
+        return deq(codes, absmax), (codes, absmax)
+
+    def bwd(res, g):
+        codes, absmax = res
+        # The reference's autodiff w.r.t. absmax: the block sum of g * codebook[codes].
+        ref = QuantizedArray(codes=codes, absmax=absmax, shape=q.shape, dtype=q.dtype,
+                             block_size=q.block_size, codebook=q.codebook, bits=q.bits)
+        _, vjp = jax.vjp(lambda a: _dequantize_ref(
+            QuantizedArray(codes=codes, absmax=a, shape=ref.shape, dtype=ref.dtype,
+                           block_size=ref.block_size, codebook=ref.codebook, bits=ref.bits)),
+            absmax)
+        (g_absmax,) = vjp(g)
+        return np.zeros(codes.shape, jax.dtypes.float0), g_absmax
+
+    deq.defvjp(fwd, bwd)
+    return deq
+
+
+def dequantize_blockwise(q: QuantizedArray, *, interpret: bool | None = None,
+                         tile_elems: int | None = None) -> jax.Array:
+    """Pallas block-wise dequantization: ``codebook[codes] * absmax`` in ``q.dtype``; equal to
+    :func:`effjax.quant.dequantize_blockwise` bit for bit. Differentiable w.r.t. ``q.absmax``
+    (``jax.custom_vjp``; codes are integers and get no gradient).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from effjax.quant import nf4_codebook, quantize_blockwise
+      >>> from pallas_kernels.blockwise import dequantize_blockwise
+      >>> q = quantize_blockwise(jnp.ones((4, 64)), codebook=nf4_codebook(), block_size=64)
+      >>> float(dequantize_blockwise(q).sum())
+      256.0
+    """
+    if not isinstance(q, QuantizedArray):
+        raise TypeError(f"dequantize_blockwise needs a QuantizedArray, got {type(q).__name__}")
+    interp = resolve_interpret(interpret)
+    return _make_dequantize(q, interp, tile_elems)(q.codes, q.absmax)
