@@ -1,0 +1,87 @@
+"""experiments/peft_shakespeare.py --quick runs both parts end to end and reports what it claims."""
+
+import json
+import math
+
+import jax
+import numpy as np
+
+from effjax.peft import inject, split
+from experiments import peft_shakespeare as ps
+
+
+def _count(tree) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(tree))
+
+
+def test_peft_shakespeare_quick(tmp_path):
+    result = ps.main(["--quick", "--no-progress", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "peft_shakespeare_quick.json").read_text())
+    md = (tmp_path / "peft_shakespeare_quick.md").read_text()
+    assert (tmp_path / "peft_shakespeare_quick.png").stat().st_size > 0
+
+    # (a): one row per method, in the table's order, in the json and the markdown
+    rows = result["a"]["rows"]
+    assert [r["method"] for r in rows] == list(ps.METHODS)
+    assert [r["method"] for r in data["a"]["rows"]] == list(ps.METHODS)
+    for name in ps.METHODS:
+        assert f"| {name} |" in md
+    by = {r["method"]: r for r in rows}
+
+    # trainable counts: the row's summary() count equals the arrays split() hands the optimizer
+    from effjax.models.minilm import load_minilm
+    minilm = load_minilm()
+    graph, base = ps.classifier_params(minilm, 0)
+    head = 384 * 3 + 3
+    encoder_minus_pooler = _count(base["encoder"]) - _count(base["encoder"]["pooler"])
+    for name, method in ps.METHODS.items():
+        tree = inject(base, ps.build_rules(method, "qv"), key=jax.random.key(0))
+        assert by[name]["trainable"] == _count(split(tree)[0]), name
+    assert by["head only"]["trainable"] == head
+    assert by["full FT"]["trainable"] == encoder_minus_pooler + head
+    # LoRA r=8 on 6 layers x {query, value} (384 -> 384): 12 * 8 * (384 + 384), plus the head
+    assert by["LoRA"]["trainable"] == by["PiSSA"]["trainable"] == 12 * 8 * 768 + head
+    assert by["DoRA"]["trainable"] == 12 * (8 * 768 + 384) + head  # + magnitudes
+    assert by["VeRA"]["trainable"] == 12 * (256 + 384) + head
+    assert by["LoRA"]["trainable"] < 0.01 * by["full FT"]["trainable"]
+
+    # same head init, data and first batch: the first loss is the same for every method (the
+    # adapters start at W' = W; PiSSA/OLoRA/DoRA reconstruct W up to float rounding)
+    first = by["head only"]["first_loss"]
+    assert abs(first - math.log(3)) < 0.05  # a near-zero head: about uniform over 3 classes
+    for r in rows:
+        assert abs(r["first_loss"] - first) < 1e-4, r["method"]
+        assert 0.0 <= r["val_acc"] <= 1.0 and 0.0 <= r["test_acc"] <= 1.0
+        assert r["step_ms"] > 0 and np.isfinite(r["final_train_loss"])
+        assert r["lr"] == ps.LR.get(r["family"], 0.0)
+    assert by["full FT"]["step_ratio"] == 1.0
+    assert result["a"]["n_train"] == 48  # 16 lines per genre
+
+    # (b): LoRA on SmolLM2-135M's q/v kernels: 30 layers x 8 x ((576 + 576) + (576 + 192))
+    b = result["b"]
+    assert b["trainable"] == 30 * 8 * (1152 + 768)
+    assert b["trainable"] < 0.005 * b["total"]
+    assert np.isfinite(b["ppl_before"]) and np.isfinite(b["ppl_after"])
+    # the instruct model already knows English: well below the 49,152-token vocabulary
+    assert 1.0 < b["ppl_before"] < 1000.0
+    # 10 steps on training plays lower the perplexity of held-out plays (script format)
+    assert b["ppl_after"] < b["ppl_before"]
+    assert len(b["train_losses"]) == 10 and all(np.isfinite(b["train_losses"]))
+
+
+def test_balanced_lines_and_tokenize():
+    texts, labels = ps.balanced_lines("validation", 5, seed=0)
+    assert np.bincount(labels, minlength=3).tolist() == [5, 5, 5]
+    assert len(set(texts)) == len(texts) == 15
+    again = ps.balanced_lines("validation", 5, seed=0)
+    assert again[0] == texts  # deterministic
+
+    from effjax.models.minilm import load_minilm
+    minilm = load_minilm()
+    enc = ps.tokenize(minilm, ["What, ho!", "a " * 40], max_len=8)
+    ref = minilm.tokenize(["What, ho!"])["input_ids"][0]
+    assert enc["ids"][0, :len(ref)].tolist() == ref.tolist()
+    assert enc["mask"][0].tolist() == [1] * len(ref) + [0] * (8 - len(ref))
+    assert enc["truncated"] == 1
+    sep = minilm.tokenizer.token_to_id("[SEP]")
+    assert enc["ids"][1, -1] == sep and enc["mask"][1].all()  # cut line still ends in [SEP]
