@@ -12,11 +12,23 @@ TINY = {  # notebook -> replacement for its parameters cell (WIDTH 64: leaves of
     # values, so the 8-bit state really is quantized)
     "01_quickstart.ipynb": "STEPS = 6\nBATCH = 4\nSEQ_LEN = 32\nWIDTH = 64\nDEPTH = 1\n"
                            "LR = 3e-3\nEVAL_WINDOWS = 8",
+    "02_peft.ipynb": "TRAIN_LINES = 24\nEVAL_LINES = 20\nMAX_LEN = 32\nBATCH = 8\nSTEPS = 3\n"
+                     "RANK = 2\nLR = 5e-4",
+}
+# notebook -> texts its printed output must contain (besides: no error, a plot drawn)
+EXPECTED = {
+    "01_quickstart.ipynb": ["bytes per parameter", "8-bit state is"],
+    # the rank-2 LoRA on 6 x {query, value} (384 -> 384) plus the 384 x 3 head and its bias
+    "02_peft.ipynb": [f"trainable params: {12 * 2 * 768 + 384 * 3 + 3:,d}", "LoRAWeight",
+                      "merged kernel is a plain array: True (384, 384)",
+                      "merged vs adapter logits", "round trip: identical weights = True",
+                      " 1,155 trainable params"],
 }
 
 
 def test_every_notebook_has_tiny_settings():
     assert sorted(p.name for p in (ROOT / "notebooks").glob("*.ipynb")) == sorted(TINY)
+    assert sorted(EXPECTED) == sorted(TINY)
 
 
 @pytest.mark.parametrize("name", sorted(TINY))
@@ -30,5 +42,6 @@ def test_notebook_executes(name):
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.output_type == "error"]
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
-    assert "bytes per parameter" in text and "8-bit state is" in text
+    for expected in EXPECTED[name]:
+        assert expected in text, expected
     assert any("image/png" in o.get("data", {}) for o in outputs)  # the plot was drawn
