@@ -4,8 +4,15 @@ Rules ``{regex: method}`` pick leaves of a param tree (Linen ``params`` dict or 
 their '/'-joined path; :func:`inject` replaces each with an adapter node; :func:`materialize`
 turns the tree back into dense params for any model code.
 
-* Methods: :class:`LoRA` (gaussian / kaiming init, rsLoRA; multi-axis and stacked kernels),
-  :class:`Unfreeze` (train a leaf fully, PEFT's ``modules_to_save``).
+* Methods: :class:`LoRA` (gaussian / kaiming / PiSSA / OLoRA inits, rsLoRA; multi-axis and
+  stacked kernels), :class:`DoRA`, :class:`VeRA`, :class:`NOLA`, :class:`RandLoRA`,
+  :class:`MiSS` (= :class:`Bone`), :class:`MoS`, :class:`SVFit`, :class:`LoLDU`,
+  :class:`LoRAXS`, :class:`LoRASB`, :class:`LaMDA` (with :func:`lamda_freeze`),
+  :class:`WeLore` (ranks from :func:`welore_rules`), :class:`EVA` (ranks from
+  :func:`eva_rules`), :class:`Unfreeze` (train a leaf fully, PEFT's ``modules_to_save``).
+* Data-driven inits: :func:`calibrate` (layer-input statistics of Linen and NNX models) and
+  :func:`gradient_calibration` (mean loss gradients), passed as ``inject(...,
+  calibration=...)``.
 * Tree functions: :func:`inject`, :func:`materialize`, :func:`merge`, :func:`trainable_mask`,
   :func:`split` / :func:`combine`, :func:`summary`.
 * I/O: :func:`save_adapters` / :func:`load_adapters` (orbax; trainable arrays + configs only).
@@ -33,12 +40,23 @@ from effjax.peft.base import (
     method_from_config,
     method_to_config,
 )
+from effjax.peft.calibrate import InputStats, calibrate, input_stats
 from effjax.peft.dora import DoRA, DoRAWeight
+from effjax.peft.eva import EVA, eva_components, eva_rules
+from effjax.peft.gradients import gradient_calibration
 from effjax.peft.io import load_adapters, read_adapter_config, save_adapters
+from effjax.peft.lamda import LaMDA, LaMDAFreezeState, LaMDAWeight, frozen_components, lamda_freeze
 from effjax.peft.layout import KernelLayout
+from effjax.peft.loldu import LoLDU, LoLDUScaleWeight, LoLDUWeight, ldu_decompose
 from effjax.peft.lora import LoRA, LoRAWeight
+from effjax.peft.lora_sb import LoRASB, LoRASBWeight
+from effjax.peft.lora_xs import LoRAXS, LoRAXSWeight
+from effjax.peft.miss import Bone, MiSS, MiSSWeight
+from effjax.peft.mos import MoS, MoSWeight, mos_routing
 from effjax.peft.nola import NOLA, NOLAWeight
+from effjax.peft.randlora import RandLoRA, RandLoRAWeight, randlora_bases, randlora_num_bases
 from effjax.peft.rules import Rule, assign_rules, compile_rules
+from effjax.peft.svfit import SVFit, SVFitWeight
 from effjax.peft.tree import (
     Summary,
     adapter_paths,
@@ -53,10 +71,24 @@ from effjax.peft.tree import (
 )
 from effjax.peft.unfreeze import Unfreeze, UnfrozenWeight
 from effjax.peft.vera import VeRA, VeRAWeight
+from effjax.peft.welore import (
+    WeLore,
+    WeLoreWeight,
+    welore_ranks,
+    welore_rules,
+    welore_spectra,
+    welore_threshold,
+)
 
 __all__ = [
     "LoRA", "LoRAWeight", "DoRA", "DoRAWeight", "VeRA", "VeRAWeight", "NOLA", "NOLAWeight",
-    "Unfreeze", "UnfrozenWeight",
+    "Unfreeze", "UnfrozenWeight", "RandLoRA", "RandLoRAWeight", "randlora_bases",
+    "randlora_num_bases", "MiSS", "Bone", "MiSSWeight", "MoS", "MoSWeight", "mos_routing",
+    "SVFit", "SVFitWeight", "LoLDU", "LoLDUWeight", "LoLDUScaleWeight", "ldu_decompose",
+    "LoRAXS", "LoRAXSWeight", "LoRASB", "LoRASBWeight", "LaMDA", "LaMDAWeight", "lamda_freeze",
+    "LaMDAFreezeState", "frozen_components", "WeLore", "WeLoreWeight", "welore_spectra",
+    "welore_threshold", "welore_ranks", "welore_rules", "EVA", "eva_components", "eva_rules",
+    "calibrate", "input_stats", "InputStats", "gradient_calibration",
     "inject", "materialize", "merge", "trainable_mask", "split", "combine", "summary", "Summary",
     "adapter_paths", "leaf_key", "save_adapters", "load_adapters", "read_adapter_config",
     "AdapterMethod", "AdapterNode", "adapter_node", "is_adapter", "method_to_config",
