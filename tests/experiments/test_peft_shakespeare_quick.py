@@ -85,3 +85,52 @@ def test_balanced_lines_and_tokenize():
     assert enc["truncated"] == 1
     sep = minilm.tokenizer.token_to_id("[SEP]")
     assert enc["ids"][1, -1] == sep and enc["mask"][1].all()  # cut line still ends in [SEP]
+
+
+def test_gradient_calibration_hook():
+    """Data-driven methods (``calibration = "gradients"``, e.g. LoRA-SB) get the mean loss
+    gradient of each targeted kernel over the calibration batches, in inject's format."""
+    import dataclasses
+    from typing import ClassVar
+
+    import jax.numpy as jnp
+    import optax
+
+    from effjax.models.minilm import load_minilm
+    from effjax.peft import Unfreeze, adapter_paths
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class GradProbe(Unfreeze):  # a stand-in data-driven method: checks what inject passes it
+        calibration: ClassVar[str] = "gradients"
+
+        def adapt(self, key, w, data=None):
+            assert data is not None and data.shape == w.shape
+            return super().adapt(key, w)
+
+    minilm = load_minilm()
+    graph, base = ps.classifier_params(minilm, 0)
+    texts, labels = ps.balanced_lines("validation", 2, seed=0)
+    data = ps.tokenize(minilm, texts, 24)
+    data.pop("truncated")
+    data["label"] = labels.astype(np.int32)
+    b1, b2 = ({k: v[s] for k, v in data.items()} for s in (slice(0, 3), slice(3, 6)))
+
+    rules = ps.build_rules(ps.Method(lambda t: {t: GradProbe()}, "low-rank"), "qv")
+    calib = ps.calibration_data(rules, graph, base, [b1, b2])
+    kernels = [f"encoder/layers/{i}/{k}/kernel" for i in range(6) for k in ("query", "value")]
+    assert sorted(calib) == sorted(kernels)
+
+    def loss(p, b):
+        return optax.softmax_cross_entropy_with_integer_labels(
+            ps.logits_fn(graph, p, b), b["label"]).mean()
+
+    grads = [jax.grad(loss)(base, b)["encoder"]["layers"][2]["value"]["kernel"] for b in (b1, b2)]
+    want = (grads[0] + grads[1]) / 2
+    got = calib["encoder/layers/2/value/kernel"]
+    assert float(jnp.abs(want).max()) > 0
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * float(jnp.abs(want).max()))
+
+    tree = inject(base, rules, key=jax.random.key(0), calibration=calib)
+    assert sorted(p for p in adapter_paths(tree) if p.startswith("encoder/")) == sorted(kernels)
+    # methods without calibration get none
+    assert ps.calibration_data(ps.build_rules(ps.METHODS["LoRA"], "qv"), graph, base, [b1]) is None
