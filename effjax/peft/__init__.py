@@ -9,7 +9,8 @@ turns the tree back into dense params for any model code.
   :class:`MiSS` (= :class:`Bone`), :class:`MoS`, :class:`SVFit`, :class:`LoLDU`,
   :class:`LoRAXS`, :class:`LoRASB`, :class:`LaMDA` (with :func:`lamda_freeze`),
   :class:`WeLore` (ranks from :func:`welore_rules`), :class:`EVA` (ranks from
-  :func:`eva_rules`), :class:`Unfreeze` (train a leaf fully, PEFT's ``modules_to_save``).
+  :func:`eva_rules`), :class:`CorDA` (KPA / IPA), :class:`Unfreeze` (train a leaf fully,
+  PEFT's ``modules_to_save``).
 * Data-driven inits: :func:`calibrate` (layer-input statistics of Linen and NNX models) and
   :func:`gradient_calibration` (mean loss gradients), passed as ``inject(...,
   calibration=...)``.
@@ -41,6 +42,7 @@ from effjax.peft.base import (
     method_to_config,
 )
 from effjax.peft.calibrate import InputStats, calibrate, input_stats
+from effjax.peft.corda import CorDA, corda_decompose
 from effjax.peft.dora import DoRA, DoRAWeight
 from effjax.peft.eva import EVA, eva_components, eva_rules
 from effjax.peft.gradients import gradient_calibration
@@ -88,6 +90,7 @@ __all__ = [
     "LoRAXS", "LoRAXSWeight", "LoRASB", "LoRASBWeight", "LaMDA", "LaMDAWeight", "lamda_freeze",
     "LaMDAFreezeState", "frozen_components", "WeLore", "WeLoreWeight", "welore_spectra",
     "welore_threshold", "welore_ranks", "welore_rules", "EVA", "eva_components", "eva_rules",
+    "CorDA", "corda_decompose",
     "calibrate", "input_stats", "InputStats", "gradient_calibration",
     "inject", "materialize", "merge", "trainable_mask", "split", "combine", "summary", "Summary",
     "adapter_paths", "leaf_key", "save_adapters", "load_adapters", "read_adapter_config",

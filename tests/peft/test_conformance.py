@@ -57,7 +57,7 @@ def _inject(name, dtype=jnp.float32, key=1):
 def test_every_case_module_contributes():
     methods = {type(c.method).__name__ for c in CASES.values()}
     assert {"LoRA", "DoRA", "VeRA", "NOLA", "Unfreeze", "RandLoRA", "MiSS", "MoS", "SVFit",
-            "LoLDU", "WeLore", "LoRAXS", "LoRASB", "LaMDA", "EVA"} <= methods
+            "LoLDU", "WeLore", "LoRAXS", "LoRASB", "LaMDA", "EVA", "CorDA"} <= methods
 
 
 @pytest.mark.parametrize("name", NAMES)
