@@ -137,6 +137,11 @@ def test_init_identity_and_distribution():
     np.testing.assert_array_equal(np.asarray(node.pool_b), 0.0)
     np.testing.assert_array_equal(np.asarray(materialize(tree)["layer"]["kernel"]),
                                   np.asarray(params["layer"]["kernel"]))
+    assert node.pool_a.dtype == jnp.float32 and node.idx_a.dtype == jnp.int32
+    node16 = MoS(rank=2, pool_rank=2, private_rank=0).adapt(jax.random.key(0),
+                                                            jnp.ones((4, 6), jnp.bfloat16))
+    assert node16.pool_a.dtype == node16.pool_b.dtype == jnp.float32
+    assert node16.materialize().dtype == jnp.bfloat16
     bound = 1 / np.sqrt(64)  # kaiming-uniform with the fan-in of a whole vector (n_in)
     pa = np.asarray(node.pool_a)
     assert np.abs(pa).max() <= bound and np.abs(pa).max() > 0.99 * bound

@@ -94,6 +94,13 @@ def test_init_count_and_identity():
     np.testing.assert_array_equal(np.asarray(materialize(tree)["layer"]["kernel"]),
                                   np.asarray(params["layer"]["kernel"]))
     assert [randlora_num_bases(r, 10, 12) for r in (1, 3, 5, 10, 32)] == [10, 4, 2, 1, 1]
+    # bfloat16 kernels get float32 adapters (PEFT's autocast_adapter_dtype), bf16 output
+    w16 = jnp.asarray(params["layer"]["kernel"], jnp.bfloat16)
+    node16 = method.adapt(None, w16)
+    assert all(x.dtype == jnp.float32 for x in (node16.a, node16.b, node16.lam, node16.gamma))
+    assert node16.materialize().dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(node16.materialize(), np.float32),
+                                  np.asarray(w16, np.float32))
 
 
 def test_bases_are_shared_sliced_and_seeded():
