@@ -263,13 +263,19 @@ def fused_update(rule, g, p, moments, scalars, *, interpret: bool | None = None,
 
 # ----------------------------------------------------------------------------- dispatch
 
-def kernel_available() -> bool:
-    """True where ``use_kernel=None`` picks the kernel: the default backend is a GPU or TPU.
+#: Backends where the kernels have been compiled and checked against the jnp path on real
+#: hardware, and so where ``use_kernel=None`` picks them. Empty until that check is done (issue
+#: 6: no GPU/TPU run yet); a kernel that failed to lower would otherwise break every default
+#: training loop on that backend. Add "gpu" / "tpu" once verified.
+VALIDATED_BACKENDS: tuple[str, ...] = ()
 
-    On GPU the ``pallas_call`` lowers with JAX's default GPU backend (Mosaic GPU on Hopper and
-    newer since JAX 0.11, Triton before); everywhere else (CPU) the jnp path is used.
-    """
-    return jax.default_backend() in ("gpu", "cuda", "rocm", "tpu")
+
+def kernel_available() -> bool:
+    """True where ``use_kernel=None`` picks the kernel: the default backend is one of
+    :data:`VALIDATED_BACKENDS` (none yet: auto means the jnp path everywhere; pass
+    ``use_kernel=True`` to opt in, e.g. on a GPU, where the ``pallas_call`` lowers with JAX's
+    default GPU backend: Mosaic GPU on Hopper and newer since JAX 0.11, Triton before)."""
+    return jax.default_backend() in VALIDATED_BACKENDS
 
 
 def should_use_kernel(use_kernel: bool | None, *, name: str, has_kernel: bool = True) -> bool:

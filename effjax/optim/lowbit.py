@@ -13,9 +13,10 @@ non-finite-gradient rule.
 Fused kernels (``use_kernel``): ``adam_8bit``, ``adamw_8bit``, ``scale_by_adam_8bit``,
 ``lion_8bit``, ``sgd_8bit``, ``adam_4bit`` and ``adamw_4bit`` can run each quantized leaf's step
 as one Pallas kernel (:mod:`pallas_kernels.optim_update`: dequantize, update in registers,
-requantize, one pass). ``use_kernel=None`` (auto) picks the kernel when JAX's default backend is
-a GPU or TPU and the jnp path elsewhere (so on CPU auto means jnp); ``True`` forces the kernel
-(interpret mode on CPU, slow, for testing); ``False`` forces jnp. Both paths have the same state
+requantize, one pass). ``use_kernel=None`` (auto) picks the kernel only on backends where it has
+been validated on real hardware (``pallas_kernels.optim_update.VALIDATED_BACKENDS``: none yet,
+so auto means the jnp path everywhere for now); ``True`` forces the kernel (on GPU/TPU with
+the default Pallas backend, interpret mode on CPU: slow, for testing); ``False`` forces jnp. Both paths have the same state
 pytree (a checkpoint from one continues on the other). ``lion_8bit`` and ``sgd_8bit`` give
 bit-identical results on both paths; the Adam family agrees to an ulp or two of float32 (FMA
 contraction differs between the fused kernel and XLA's jnp code; see
