@@ -3,6 +3,9 @@
 * StableMax and its cross-entropy (Prieto et al. 2025, "Grokking at the Edge of Numerical
   Stability").
 * Activation fake quantization (per token, straight-through) for NNX and Linen models.
+* Adapter-aware linear layers (:mod:`effjax.nn.lora_layers`): ``x W + (x A) B`` for
+  LoRA-family nodes without building the dense delta, for NNX (:func:`adapted_layers`) and
+  Linen (:func:`linen_adapted_layers`) models.
 """
 
 from effjax.nn.fake_quant import (
@@ -11,8 +14,24 @@ from effjax.nn.fake_quant import (
     linen_activation_fake_quant,
     quantize_activations,
 )
+from effjax.nn.lora_layers import (
+    AdaptedDense,
+    AdaptedDenseGeneral,
+    AdaptedEinsum,
+    AdaptedLinear,
+    AdaptedLinearGeneral,
+    LowRankAdapter,
+    adapted_dot_general,
+    adapted_einsum,
+    adapted_layers,
+    has_low_rank_factors,
+    linen_adapted_layers,
+)
 from effjax.nn.stablemax import log_s, log_stablemax, stablemax, stablemax_cross_entropy
 
 __all__ = ["stablemax", "log_stablemax", "stablemax_cross_entropy", "log_s",
            "fake_quantize_activations", "ActivationFakeQuant", "quantize_activations",
-           "linen_activation_fake_quant"]
+           "linen_activation_fake_quant",
+           "LowRankAdapter", "has_low_rank_factors", "adapted_einsum", "adapted_dot_general",
+           "AdaptedLinear", "AdaptedLinearGeneral", "AdaptedEinsum", "adapted_layers",
+           "AdaptedDense", "AdaptedDenseGeneral", "linen_adapted_layers"]

@@ -284,6 +284,12 @@ class LoRAWeight(AdapterNode):
     def rank(self) -> int:
         return self.a.shape[-1]
 
+    def low_rank_factors(self) -> tuple[jax.Array, jax.Array]:
+        """:math:`(A,\\; s\\,B)`: ``(*batch, *in, r)`` and ``(*batch, r, *out)`` with
+        :math:`W' = W + A\\,(sB)` per batch slice, for layers that compute
+        :math:`xW + (xA)(sB)` without the dense delta (:mod:`effjax.nn.lora_layers`)."""
+        return self.a, self.scale * self.b
+
     def delta(self) -> jax.Array:
         """:math:`s\\,AB` in ``w``'s layout (promoted dtype)."""
         lay, r = self.layout, self.rank

@@ -227,6 +227,16 @@ class NOLAWeight(AdapterNode):
         b = jnp.einsum("...l,lro->...ro", self.coef_b.astype(ct), b_bases)
         return a, b
 
+    def low_rank_factors(self) -> tuple[jax.Array, jax.Array]:
+        """:math:`(A,\\; s\\,B)` shaped ``(*batch, *in, r)`` and ``(*batch, r, *out)``, for
+        layers that compute :math:`xW + (xA)(sB)` without the dense delta
+        (:mod:`effjax.nn.lora_layers`)."""
+        lay = self.layout
+        a, b = self.factors()
+        r = a.shape[-1]
+        return (a.reshape(lay.batch_shape + lay.in_shape + (r,)),
+                self.method.scale * b.reshape(lay.batch_shape + (r,) + lay.out_shape))
+
     def delta(self) -> jax.Array:
         """:math:`s\\,AB` in ``w``'s layout (promoted dtype)."""
         a, b = self.factors()

@@ -240,6 +240,20 @@ class VeRAWeight(AdapterNode):
     def rank(self) -> int:
         return self.a.shape[-1]
 
+    def low_rank_factors(self) -> tuple[jax.Array, jax.Array]:
+        """:math:`(A\\,\\mathrm{diag}(d),\\; B\\,\\mathrm{diag}(b))` per batch slice:
+        ``(*batch, *in, r)`` and ``(*batch, r, *out)`` (the shared ``a``, ``b`` broadcast over
+        the batch axes), for layers that compute :math:`xW + (xA')B'` without the dense delta
+        (:mod:`effjax.nn.lora_layers`)."""
+        lay = self.layout
+        ct = jnp.promote_types(self.a.dtype, self.lambda_d.dtype)
+        nb, n_in = len(lay.batch_shape), len(lay.in_shape)
+        d = self.lambda_d.reshape(lay.batch_shape + (1,) * n_in + (self.rank,)).astype(ct)
+        lb = self.lambda_b.reshape(lay.batch_shape + (1,) + lay.out_shape).astype(ct)
+        a = self.a.reshape((1,) * nb + self.a.shape).astype(ct) * d
+        b = self.b.reshape((1,) * nb + self.b.shape).astype(ct) * lb
+        return a, b
+
     def delta(self) -> jax.Array:
         """:math:`(A\\,\\mathrm{diag}(d)\\,B)\\,\\mathrm{diag}(b)` in ``w``'s layout."""
         lay, r = self.layout, self.rank
