@@ -37,12 +37,18 @@ import numpy as np
 import peft
 import torch
 from flax import nnx
+from peft.tuners.lora.config import CordaConfig
 
 from effjax.compress import key_path_str
 from effjax.models.bert import mean_pool
 from effjax.models.minilm import load_minilm, minilm_folder
 from effjax.peft import DoRA, LoRA, VeRA, adapter_paths, inject, is_adapter, materialize, merge
 from effjax.peft import summary as peft_summary
+from effjax.peft.calibrate import calibrate
+from effjax.peft.corda import CorDA
+from effjax.peft.eva import EVA, eva_rules
+from effjax.peft.miss import MiSS
+from effjax.peft.randlora import RandLoRA
 
 # PEFT module suffix (under encoder.layer.<i>.) -> our NNX layer (layers/<i>/<name>/kernel)
 TARGETS = {
@@ -128,6 +134,88 @@ def copy_vera(layer, node):
         lambda_b=_like(node.lambda_b, t2n(layer.vera_lambda_b["default"])))
 
 
+def copy_randlora(layer, node):
+    """RandLoRA: PEFT's shared ``randlora_A`` (r, 1, D_min) / ``randlora_B`` (D_max, N_max, r)
+    sliced to this layer (``A[:, 0, :d_min]``, ``B[:d_max, :N]``), with B's flattened column
+    ``k * N + n`` (the one PEFT pairs with ``lambda[k, n]``) as our ``b[p, n, k]``; and
+    ``randlora_lambda`` (r, N), ``randlora_gamma`` (N, d_min)."""
+    d_min, d_max = min(node.w.shape), max(node.w.shape)
+    n, r = node.num_bases, node.a.shape[0]
+    flat = t2n(layer.randlora_B["default"])[:d_max, :n, :].reshape(d_max, n * r)
+    return node.replace(
+        a=_like(node.a, t2n(layer.randlora_A["default"])[:, 0, :d_min]),
+        b=_like(node.b, flat.reshape(d_max, r, n).transpose(0, 2, 1)),
+        lam=_like(node.lam, t2n(layer.randlora_lambda["default"])),
+        gamma=_like(node.gamma, t2n(layer.randlora_gamma["default"])))
+
+
+def copy_miss(layer, node):
+    """MiSS balance / mini: ``miss_block`` is our ``block`` as is ((r, out) / (r, mini_r))."""
+    return node.replace(block=_like(node.block, t2n(layer.miss_block["default"])))
+
+
+def copy_miss_bat(layer, node):
+    """MiSS bat: ``miss_block`` (out / r, r, r) holds :math:`B_a`; our ``block[a]`` is
+    :math:`B_a^T`."""
+    return node.replace(block=_like(node.block,
+                                    t2n(layer.miss_block["default"]).transpose(0, 2, 1)))
+
+
+# ------------------------------------------------------- data-driven inits (EVA, CorDA)
+
+def calibrate_inputs(pair, targets, layers):
+    """Our input statistics of the targeted kernels on the sentences (padding masked out, as
+    PEFT's ``prepare_model_inputs_fn_language_modeling`` does with the attention mask)."""
+    return calibrate(pair.minilm.model, [pair.batch], targets=our_rule_regex(targets, layers),
+                     forward=lambda m, b: m(b["input_ids"], b["attention_mask"],
+                                            b["token_type_ids"]),
+                     mask=lambda b: b["attention_mask"])
+
+
+def build_peft_eva(pair, config):
+    """PEFT's EVA: ``get_peft_model`` then ``initialize_lora_eva_weights`` on the same batch
+    (its defaults: ``model(**batch)``, tokens selected by the attention mask)."""
+    from peft.tuners.lora.eva import initialize_lora_eva_weights
+
+    pm = pair.peft_model(config)
+    initialize_lora_eva_weights(pm, dataloader=[pair.torch_batch], show_progress_bar=False)
+    return pm
+
+
+def calibrate_joined(pair, targets, layers):
+    """Our input statistics of the targeted kernels on the sentences as one sequence."""
+    return calibrate(pair.minilm.model, [pair.joined], targets=our_rule_regex(targets, layers),
+                     forward=lambda m, b: m(b["input_ids"], b["attention_mask"],
+                                            b["token_type_ids"]))
+
+
+def build_peft_corda(pair, config):
+    """PEFT's CorDA: ``preprocess_corda`` (one forward pass of the joined sentences) on a fresh
+    copy of the model, then ``get_peft_model``."""
+    from peft.tuners.lora.corda import preprocess_corda
+
+    model = copy.deepcopy(pair.torch_model)
+    with torch.no_grad():
+        preprocess_corda(model, config, run_model=lambda: model(**pair.torch_joined))
+    torch.manual_seed(0)
+    return peft.get_peft_model(model, config)
+
+
+# CorDA: layers 0 and 5 without output.dense (n_in = 1536: its damped inverse and SVD are the
+# slow part on both sides).
+CORDA_TARGETS = tuple(t for t in ALL_TARGETS if t != "output.dense")
+EVA_RHO = 2.0
+# EVA targets: output.dense (n_in = 1536) is left out for speed (its 1536 x 1536
+# eigendecomposition costs seconds of CPU, twice: eva_rules and inject each decompose). key is
+# left out because query, key and value see the same inputs, so their explained-variance ratios
+# tie exactly; where such a tie straddles the rank budget PEFT gives the extra rank to the first
+# layer (its hook layer, query) but orders the others (key vs value) by torch's unstable
+# argsort, while eva_rules orders them by path (measured on layer 5: PEFT key 9, value 10;
+# ours key 10, value 9; same total). With two tied layers (query, value) both give query the
+# higher rank.
+EVA_TARGETS = ("attention.self.query", "attention.self.value", "attention.output.dense",
+               "intermediate.dense")
+
 # ------------------------------------------------------------------------------ the table
 
 @dataclasses.dataclass(frozen=True)
@@ -136,8 +224,9 @@ class Method:
 
     Attributes:
       peft_config: ``target_modules -> peft.PeftConfig``.
-      layers: the encoder layers whose :data:`TARGETS` are adapted (all six by default; the
-        SVD / QR inits use fewer to keep the test fast).
+      layers: the encoder layers whose targets are adapted (all six by default; the SVD / QR /
+        eigendecomposition inits use fewer to keep the test fast).
+      targets: PEFT module suffixes (keys of :data:`TARGETS`) adapted in those layers.
       ours: the effjax method config (rule value).
       copy: ``(peft layer, our node) -> our node`` with PEFT's tensors.
       noise: relative size of the perturbation of PEFT's trainable tensors (step 3).
@@ -147,17 +236,21 @@ class Method:
         (``inject(..., calibration=...)``), or None.
       build_peft: ``(pair, peft config) -> PeftModel`` when PEFT needs more than
         ``get_peft_model`` (its data-driven inits), or None (:meth:`MiniLMPair.peft_model`).
+      rules: ``(rule regex, ours, calibration) -> effjax rules`` (EVA's rank redistribution),
+        or None (``{regex: ours}``).
     """
 
     peft_config: Callable[[str], Any]
     ours: Any
     copy: Callable[[Any, Any], Any]
     layers: tuple[int, ...] = ALL_LAYERS
+    targets: tuple[str, ...] = ALL_TARGETS
     noise: float = 0.05
     init_fields: dict[str, Callable[[Any], np.ndarray]] = dataclasses.field(
         default_factory=dict)
     calibration: Callable[[Any, Sequence[str], Sequence[int]], dict] | None = None
     build_peft: Callable[[Any, Any], Any] | None = None
+    rules: Callable[[str, Any, Any], Any] | None = None
 
 
 _LORA_INIT = {  # our field -> PEFT's tensor at init, in our layout
@@ -167,6 +260,8 @@ _LORA_INIT = {  # our field -> PEFT's tensor at init, in our layout
 }
 R, ALPHA = 8, 16.0
 VERA_R = 32
+RANDLORA_R = 32
+MISS_R = 16
 
 METHODS: dict[str, Method] = {
     "lora_kaiming": Method(lambda t: peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=t),
@@ -191,6 +286,34 @@ METHODS: dict[str, Method] = {
                                               init_lora_weights="olora"),
                     LoRA(rank=R, alpha=ALPHA, init="olora"), copy_lora_residual,
                     layers=(0, 5), init_fields=_LORA_INIT),
+    "randlora": Method(lambda t: peft.RandLoraConfig(r=RANDLORA_R, randlora_alpha=32,
+                                                     target_modules=t, projection_prng_key=0),
+                       RandLoRA(rank=RANDLORA_R, alpha=32.0), copy_randlora, noise=0.1),
+    "randlora_sparse": Method(lambda t: peft.RandLoraConfig(
+        r=RANDLORA_R, randlora_alpha=32, target_modules=t, projection_prng_key=0, sparse=True),
+        RandLoRA(rank=RANDLORA_R, alpha=32.0, sparse=True), copy_randlora, noise=0.1),
+    "miss_balance": Method(lambda t: peft.MissConfig(r=MISS_R, target_modules=t),
+                           MiSS(rank=MISS_R), copy_miss, noise=0.005),
+    "miss_mini": Method(lambda t: peft.MissConfig(r=MISS_R, target_modules=t,
+                                                  init_weights="mini", mini_r=4),
+                        MiSS(rank=MISS_R, variant="mini", mini_rank=4), copy_miss, noise=0.005),
+    "miss_bat": Method(lambda t: peft.MissConfig(r=MISS_R, target_modules=t, init_weights="bat"),
+                       MiSS(rank=MISS_R, variant="bat"), copy_miss_bat, noise=0.01),
+    "eva": Method(lambda t: peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=t,
+                                            init_lora_weights="eva",
+                                            eva_config=peft.EvaConfig(rho=EVA_RHO)),
+                  EVA(rank=R, alpha=ALPHA), copy_lora, layers=(0, 5), targets=EVA_TARGETS,
+                  noise=0.01,
+                  calibration=calibrate_inputs,
+                  build_peft=build_peft_eva, init_fields={"a": _LORA_INIT["a"]},
+                  rules=lambda regex, ours, cal: eva_rules({regex: ours}, cal, rho=EVA_RHO)),
+    "corda_ipa": Method(lambda t: peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=t,
+                                                  init_lora_weights="corda",
+                                                  corda_config=CordaConfig(
+                                                      corda_method="ipm")),
+                        CorDA(rank=R, alpha=ALPHA, mode="ipa"), copy_lora_residual,
+                        layers=(0, 5), targets=CORDA_TARGETS, calibration=calibrate_joined,
+                        build_peft=build_peft_corda, init_fields=_LORA_INIT),
 }
 
 
@@ -241,6 +364,11 @@ class MiniLMPair:
         self.batch = {k: jnp.asarray(v) for k, v in batch.items()}
         self.torch_batch = {k: torch.from_numpy(v.astype(np.int64)) for k, v in batch.items()}
         self.mask = batch["attention_mask"].astype(bool)
+        # the sentences as one unpadded sequence (CorDA's calibration: PEFT's hook wants one
+        # (tokens, features) input per call)
+        joined = self.minilm.tokenize([" ".join(sentences)])
+        self.joined = {k: jnp.asarray(v) for k, v in joined.items()}
+        self.torch_joined = {k: torch.from_numpy(v.astype(np.int64)) for k, v in joined.items()}
         graphdef, rest = self.graphdef, self.rest
 
         @jax.jit
@@ -273,20 +401,25 @@ class MiniLMPair:
         torch.manual_seed(0)
         return peft.get_peft_model(copy.deepcopy(self.torch_model), config)
 
-    def run(self, name: str, targets: Sequence[str] = ALL_TARGETS, seed: int = 0) -> Result:
+    def run(self, name: str, seed: int = 0) -> Result:
         """Steps 1-5 of the module docstring for ``METHODS[name]``."""
         row = METHODS[name]
-        layers = row.layers
+        layers, targets = row.layers, row.targets
         calibration = row.calibration(self, targets, layers) if row.calibration else None
         config = row.peft_config(peft_target_regex(targets, layers))
         pm = (row.build_peft or MiniLMPair.peft_model)(self, config)
+        pm.eval()  # PEFT's EVA init leaves the model in training mode (dropout on)
         net = pm.base_model.model
-        tree = inject(self.params, {our_rule_regex(targets, layers): row.ours},
-                      key=jax.random.key(seed), calibration=calibration)
+        regex = our_rule_regex(targets, layers)
+        rules = row.rules(regex, row.ours, calibration) if row.rules else {regex: row.ours}
+        tree = inject(self.params, rules, key=jax.random.key(seed), calibration=calibration)
         nodes = adapter_paths(tree)
-        names = pairs(targets, layers)
+        # the kernels PEFT adapted (all targets, except where EVA redistributed a rank to 0)
+        names = [(n, p) for n, p in pairs(targets, layers)
+                 if isinstance(net.get_submodule(n), peft.tuners.tuners_utils.BaseTunerLayer)
+                 and "default" in net.get_submodule(n).active_adapters]
         if set(nodes) != {p for _, p in names}:
-            raise AssertionError(f"our rule targets {sorted(nodes)}, expected "
+            raise AssertionError(f"effjax adapted {sorted(nodes)}, PEFT "
                                  f"{sorted(p for _, p in names)}")
         peft_layers = {p: net.get_submodule(n) for n, p in names}
         init = {p: {f: (np.asarray(getattr(nodes[p], f)), get(peft_layers[p]))
