@@ -10,8 +10,8 @@ with the same steps, batch and seed. Reported per method: validation and test ac
 class-balanced subsets of the held-out plays), trainable parameters
 (:func:`effjax.peft.summary`), the median training-step time and its ratio to full fine-tuning.
 Optimizer: Adam (no weight decay), global-norm clipping at 1.0, linear warm-up over 10% of the
-steps then linear decay to 0; the head always at 1e-3, the encoder's trainable params at the
-learning rate of the method's family (:data:`LR`).
+steps then linear decay to 0; the head always at :data:`HEAD_LR`, the encoder's trainable
+params at the learning rate of the method's family (:data:`LR`).
 
 (b) SmolLM2-135M-Instruct (real weights) with LoRA on the attention q/v kernels (``--lm-targets
 all``: every linear kernel) trained on Shakespeare's plays as plain script text
@@ -76,7 +76,9 @@ LR = {
     "low-rank": 5e-4,  # LoRA's RoBERTa-base GLUE runs use 4e-4 .. 5e-4 (Hu et al. 2021)
     "vector": 5e-3,    # VeRA / NOLA train a few scalars per layer: 10x higher (their papers)
 }
-HEAD_LR = 1e-3
+# The new head, in every run: VeRA's RoBERTa-base GLUE runs give the head its own LR of 4e-3 ..
+# 1e-2; 5e-3 was picked from {1e-3, 5e-3, 2e-2} on the head-only run (100 steps of 16).
+HEAD_LR = 5e-3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,18 +121,19 @@ def parse(argv=None):
     ap.add_argument("--part", nargs="+", default=["a", "b"], choices=["a", "b"])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--targets", default="qv", choices=list(TARGETS))
-    ap.add_argument("--train-lines", type=int, default=2400, help="balanced: / 3 per genre")
+    ap.add_argument("--train-lines", type=int, default=1800, help="balanced: / 3 per genre")
     ap.add_argument("--eval-lines", type=int, default=900, help="per held-out split, balanced")
-    ap.add_argument("--steps", type=int, default=150)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--max-len", type=int, default=32,
-                    help="tokens per line incl. [CLS]/[SEP] (the longest line has ~26)")
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--max-len", type=int, default=24,
+                    help="tokens per line incl. [CLS]/[SEP] (99.9%% of lines have <= 21, the "
+                         "longest ~26; the number of lines cut is reported)")
     ap.add_argument("--calib-batches", type=int, default=4,
                     help="batches for data-driven inits (EVA, CorDA, LoRA-SB)")
     ap.add_argument("--seed", type=int, default=0)
     # (b)
     ap.add_argument("--lm-targets", default="qv", choices=["qv", "all"])
-    ap.add_argument("--lm-steps", type=int, default=60)
+    ap.add_argument("--lm-steps", type=int, default=40)
     ap.add_argument("--lm-batch", type=int, default=4)
     ap.add_argument("--lm-seq", type=int, default=128)
     ap.add_argument("--lm-eval-windows", type=int, default=64)
@@ -478,7 +481,8 @@ def main(argv=None) -> dict:
     args = parse(argv)
     command = "python -m experiments.peft_shakespeare " + " ".join(
         argv if argv is not None else sys.argv[1:])
-    meta = lambda t0: {"command": command.strip(), "settings": vars(args),
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "no_progress")}
+    meta = lambda t0: {"command": command.strip(), "settings": settings,
                        "machine": _train.machine(), "jax": jax.__version__,
                        "wall_s": time.perf_counter() - t0}
     result = {}
