@@ -1,23 +1,28 @@
 """effjax.peft against Hugging Face PEFT (torch, CPU) on the real all-MiniLM-L6-v2 weights.
 
-For every method both libraries have (rows of :data:`tests.peft.minilm_peft.METHODS`): with
+For every method both libraries have (rows of :data:`tests.peft.minilm_peft.METHODS`: LoRA
+with kaiming / gaussian init and rsLoRA, DoRA, VeRA, PiSSA, OLoRA, RandLoRA dense / sparse, MiSS
+balance / mini / bat, EVA, CorDA IPA): with
 PEFT's adapter tensors (perturbed away from their init, identically on both sides) copied into
 our nodes, the last hidden states and mean-pooled embeddings of real sentences agree through all
 6 float32 layers, the merged kernels equal PEFT's ``merge_and_unload()`` weights, and the
 trainable / total parameter counts equal PEFT's ``get_nb_trainable_parameters()``. For the
 deterministic inits (PiSSA, OLoRA), our factors and residual from the same pretrained weights
-span the same subspaces as PEFT's.
+span the same subspaces as PEFT's; EVA's redistributed ranks and components and CorDA's
+decomposition (from the same sentences' layer inputs) are compared too.
 
 Tolerances (float32 end to end), with the values measured on this machine:
 
-* hidden states (|h| up to ~6): atol 2e-5; measured max |ours - PEFT| 2.2e-6 .. 4.5e-6 over
-  the methods, the same size as the unadapted model's own torch-vs-JAX difference (~4e-6,
-  tests/models/test_minilm.py); the adapters move the hidden states by 0.26 .. 3.7, so any
-  mapping, transpose or scaling error fails by orders of magnitude.
-* mean-pooled embeddings: atol 1e-5; measured 7.8e-7 .. 2.1e-6.
-* merged kernels (|W| up to 7.9): atol 2e-6, two float32 ulps of the largest entry; measured
-  0 (LoRA family: the same float32 ops), 6e-8 (VeRA), 7.2e-7 (DoRA: norms summed in another
-  order).
+* hidden states (|h| up to ~6): atol 2e-5; measured max |ours - PEFT| 1.4e-6 .. 4.5e-6 over
+  the methods (LoRA 2.4e-6, gaussian 4.5e-6, rsLoRA 3.4e-6, DoRA 2.4e-6, VeRA 2.2e-6, PiSSA
+  2.8e-6, OLoRA 2.4e-6, RandLoRA 2.5e-6 / sparse 3.3e-6, MiSS 2.7e-6 / mini 2.6e-6 / bat
+  2.4e-6, EVA 2.6e-6, CorDA 2.1e-6), the size of the unadapted model's own torch-vs-JAX
+  difference (~4e-6, tests/models/test_minilm.py); the adapters move the hidden states by
+  0.16 .. 3.7, so any mapping, transpose or scaling error fails by orders of magnitude.
+* mean-pooled embeddings: atol 1e-5; measured 6e-7 .. 2.1e-6.
+* merged kernels (|W| up to 8.1): atol 2e-6, two float32 ulps of the largest entry; measured
+  0 (LoRA, rsLoRA, PiSSA, OLoRA, EVA, CorDA, MiSS balance / mini: the same float32 ops),
+  6e-8 (VeRA, RandLoRA), 2.4e-7 (MiSS bat), 7.2e-7 (DoRA: norms summed in another order).
 * PiSSA / OLoRA inits (LAPACK in torch vs XLA in JAX on the same float32 weights): see
   :func:`test_deterministic_inits_span_peft_subspaces`.
 """
@@ -25,7 +30,7 @@ Tolerances (float32 end to end), with the values measured on this machine:
 import numpy as np
 import pytest
 
-from tests.peft.minilm_peft import METHODS, TARGETS, MiniLMPair
+from tests.peft.minilm_peft import METHODS, TARGETS, MiniLMPair, torch_single_thread
 
 pytestmark = pytest.mark.peer
 
@@ -47,13 +52,14 @@ EXPECTED_TRAINABLE = {
     "randlora": 6 * _RANDLORA, "randlora_sparse": 6 * _RANDLORA,
     "miss_balance": 6 * _MISS, "miss_bat": 6 * _MISS, "miss_mini": 6 * 6 * 16 * 4,  # r * mini_r
     "eva": None,  # ranks are redistributed: sum of r_l (in + out) over PEFT's ranks, below
-    "corda_ipa": 2 * (_LORA - 8 * (1536 + 384)),  # layers 0 and 5 without output.dense
+    "corda_ipa": 8 * (3 * (384 + 384) + (384 + 1536)),  # layer 5: q, v, attention-out, interm.
 }
 
 
 @pytest.fixture(scope="module")
 def pair():
-    return MiniLMPair()
+    with torch_single_thread():
+        yield MiniLMPair()
 
 
 @pytest.fixture(scope="module")
@@ -165,3 +171,39 @@ def test_eva_ranks_and_components_match_peft(results):
         np.testing.assert_allclose(a.T @ a, np.eye(a.shape[1]), atol=1e-5)  # orthonormal
         np.testing.assert_allclose(_projector(a), _projector(a_p), atol=1e-4)
         np.testing.assert_allclose(a, a_p, atol=1e-4)
+
+
+def test_corda_ipa_init_matches_peft(results):
+    """CorDA IPA from the sentences' inputs as one sequence (one call, so PEFT's per-call max
+    scaling is one scalar kappa per layer input: its factors are ours times 1/sqrt(kappa) and
+    sqrt(kappa); C~, the damping and s A B do not depend on it).
+
+    Output side (U_r, our b): projectors to 1e-5 (measured 6e-7) and b up to sign and the
+    per-kernel scalar to 1e-3 of max|b| (measured 3e-4); kernels with the same inputs (query,
+    value) get the same scalar.
+
+    Input side (V_r = C~^-1 V^_r, our a) and W_res: only to 0.05 / 0.1, NOT float32 agreement.
+    With 38 calibration tokens for 384 features C~ has condition ~1e4 (delta = 0.01 on both
+    sides), and effjax's ``corda_decompose`` forms V as ``inv(C~) @ V^``, which loses accuracy
+    on the large-variance components (measured on layer 5 attention-out: V_1 67 % off a float64
+    reference; PEFT's ``V^T @ inv(C~)`` order 1 %, ``solve(C~, V^)`` 1.5 %). Measured ours vs
+    PEFT: a projectors 2e-3 .. 2e-2, W_res / s A B 4e-3 .. 2.7e-2 (|s A B| ~ 0.09 .. 0.8), vs
+    PEFT-style float32 to float64 3e-4 .. 2e-3. A library issue, reported; tighten these to
+    ~5e-3 when corda.py solves instead of multiplying by the inverse."""
+    r = results("corda_ipa")
+    s = METHODS["corda_ipa"].ours.scale
+    assert len(r.init) == 4 and r.scale_peft == s
+    scalars = {}
+    for path, f in r.init.items():
+        (w, w_p), (a, a_p), (b, b_p) = f["w"], f["a"], f["b"]
+        a, a_p, b, b_p = (np.asarray(x, np.float64) for x in (a, a_p, b, b_p))
+        np.testing.assert_allclose(_projector(b.T), _projector(b_p.T), atol=1e-5)
+        sign = np.sign(np.sum(b * b_p, axis=1))
+        c = np.linalg.norm(b_p) / np.linalg.norm(b)  # sqrt(kappa)
+        scalars[path.split("/")[2]] = c
+        np.testing.assert_allclose(b * sign[:, None] * c, b_p, atol=1e-3 * np.abs(b_p).max())
+        # loose: see the docstring (effjax's float32 inverse; reported)
+        np.testing.assert_allclose(_projector(a), _projector(a_p), atol=0.05)
+        np.testing.assert_allclose(w, w_p, atol=0.1)
+        np.testing.assert_allclose(s * a @ b, s * a_p @ b_p, atol=0.1)
+    assert scalars["query"] == pytest.approx(scalars["value"], rel=1e-3)
