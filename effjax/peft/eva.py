@@ -37,8 +37,10 @@ iteration converges to, so ``tau`` has no counterpart. PEFT's ratio
 :math:`\\sigma_i^2 / \\sum_j n\\,\\mathrm{var}_j` is :math:`\\lambda_i / \\mathrm{tr}\\,S` here;
 signs follow PEFT's ``svd_flip`` (the largest-magnitude entry of each component is positive).
 Ties between equal ratios (layers that see the same inputs, like query/key/value) go to the
-leaf that comes first in the calibration mapping (PEFT gives them to the first module in
-``named_modules`` order). Other differences: PEFT caps :math:`\\rho` for :math:`\\rho > 1000`;
+leaf that comes first in the calibration mapping. PEFT orders tied modules by torch's
+(unstable) sort: with two tied layers it agrees with this rule, with three (query, key and value
+of one layer) it may swap the last two (measured on all-MiniLM-L6-v2: same total rank, key and
+value exchanged). Other differences: PEFT caps :math:`\\rho` for :math:`\\rho > 1000`;
 here :math:`\\mathrm{round}(\\rho r_l)` is capped at :math:`n_{in}` instead of failing; with
 ``whiten`` PEFT's singular values grow with the number of passes over the data it made (a
 repeated batch counts again), here they are those of the calibration tokens once. Stacked
