@@ -23,7 +23,10 @@ Step times are wall-clock medians after the first (compiling) step on whatever m
 script; on a shared CPU they are noisy, so compare ratios within one run only.
 
 Run:  python -m experiments.peft_shakespeare --quick                (1-2 min on CPU; the tests)
-      python -m experiments.peft_shakespeare                        (a) at CPU scale + (b) medium
+      python -m experiments.peft_shakespeare                        (a) small CPU scale, 6 min
+                                                                     + (b) CPU medium, 4 min
+      python -m experiments.peft_shakespeare --part a --train-lines 2400 --steps 150 --batch 32
+                                          (a) as in results/peft_shakespeare.md, 13 min on CPU
       python -m experiments.peft_shakespeare --part b --lm-gpu      (b) at GPU scale
 """
 
