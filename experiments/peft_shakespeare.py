@@ -52,16 +52,28 @@ from flax import nnx
 from effjax.data import batches, load_shakespeare_genre_source
 from effjax.models.bert import mean_pool
 from effjax.peft import (
+    EVA,
     NOLA,
+    CorDA,
     DoRA,
+    LaMDA,
+    LoLDU,
     LoRA,
+    LoRASB,
+    LoRAXS,
+    MiSS,
+    MoS,
+    RandLoRA,
+    SVFit,
     Unfreeze,
     VeRA,
+    WeLore,
     combine,
     inject,
     materialize,
     split,
     summary,
+    welore_rules,
 )
 from experiments import _train
 
@@ -94,17 +106,17 @@ class Method:
     their data from :func:`calibration_data` automatically.
     """
 
-    rules: Callable[[str], dict]
+    rules: Callable[..., dict]
     family: str  # key of LR; None-like "head" for the head-only baseline
+    needs_params: bool = False  # rules(targets, encoder_params): ranks chosen from the weights
 
     @property
     def lr(self) -> float:
         return LR.get(self.family, 0.0)
 
 
-# New methods are one line each, e.g. (once effjax.peft has them)
-#   "LoRA-XS": Method(lambda t: {t: LoRAXS(rank=8)}, "low-rank"),
-#   "EVA": Method(lambda t: {t: EVA(rank=8, alpha=16)}, "low-rank"),   # calibrated on inputs
+# New methods are one line each. Families: "low-rank" for methods training factors of rank r,
+# "vector" for those training a few scalars / an r x r core per kernel (10x the LR).
 METHODS: dict[str, Method] = {
     "head only": Method(lambda t: {}, "head"),
     "full FT": Method(lambda t: {r"(embeddings|layers)/.*": Unfreeze()}, "full"),
@@ -116,6 +128,23 @@ METHODS: dict[str, Method] = {
     "VeRA": Method(lambda t: {t: VeRA(rank=256)}, "vector"),
     "NOLA": Method(lambda t: {t: NOLA(rank=8, alpha=16, num_basis_a=1024, num_basis_b=1024)},
                    "vector"),
+    "RandLoRA": Method(lambda t: {t: RandLoRA(rank=32)}, "low-rank"),  # PEFT defaults
+    "MiSS": Method(lambda t: {t: MiSS(rank=64)}, "low-rank"),  # PEFT default r = 64
+    # MoS shares its pool across the slices of a stacked kernel; on these unstacked kernels each
+    # layer has its own pool (L = 1, so rank <= pool_rank): LoRA-like, no sharing saving
+    "MoS": Method(lambda t: {t: MoS(rank=8, pool_rank=8, alpha=16)}, "low-rank"),
+    "SVFit": Method(lambda t: {t: SVFit(rank=8)}, "vector"),
+    "LoLDU": Method(lambda t: {t: LoLDU(rank=8)}, "vector"),
+    "LoRA-XS": Method(lambda t: {t: LoRAXS(rank=8)}, "vector"),
+    # initialized from the first full-FT Adam step (lr: full FT's) on the calibration batches
+    "LoRA-SB": Method(lambda t: {t: LoRASB(rank=8, lr=5e-5)}, "vector"),
+    "LaMDA": Method(lambda t: {t: LaMDA(rank=8)}, "low-rank"),  # no lamda_freeze schedule
+    "EVA": Method(lambda t: {t: EVA(rank=8, alpha=16)}, "low-rank"),  # uniform ranks
+    "CorDA": Method(lambda t: {t: CorDA(rank=8, alpha=16)}, "low-rank"),  # IPA
+    # WeLore compresses: targeted kernels whose spectrum allows it become trainable low-rank
+    # factors (ranks from the singular-value tail at a 50% rank reduction)
+    "WeLore": Method(lambda t, p: welore_rules(p, {t: WeLore()}, reduction=0.5), "low-rank",
+                     needs_params=True),
 }
 
 
@@ -214,9 +243,16 @@ def logits_fn(graph, params: dict, batch: dict) -> jax.Array:
     return pooled @ params["head"]["kernel"] + params["head"]["bias"]
 
 
-def build_rules(method: Method, targets: str) -> dict:
-    """The full rules of one method: encoder rules prefixed with ``encoder/``, then the head."""
-    rules = {f"encoder/{k}": v for k, v in method.rules(TARGETS[targets]).items()}
+def build_rules(method: Method, targets: str, params: dict | None = None) -> dict:
+    """The full rules of one method: encoder rules prefixed with ``encoder/``, then the head
+    (``params``: the classifier's params, needed by methods that pick ranks from weights)."""
+    if method.needs_params:
+        if params is None:
+            raise ValueError("this method chooses its ranks from the weights: pass params")
+        enc = method.rules(TARGETS[targets], params["encoder"])
+    else:
+        enc = method.rules(TARGETS[targets])
+    rules = {f"encoder/{k}": v for k, v in enc.items()}
     return {**rules, r"head/.*": Unfreeze()}
 
 
@@ -295,7 +331,7 @@ def train_classifier(name: str, method: Method, graph, base: dict, train: dict, 
     """Inject, train ``args.steps`` steps, evaluate; one row of the table."""
     from tqdm.auto import tqdm
 
-    rules = build_rules(method, args.targets)
+    rules = build_rules(method, args.targets, base)
     # calibration batches (data-driven inits only): a separate draw, not counted as steps
     calib = calibration_data(rules, graph, base, _take(
         batches(train, args.batch, seed=args.seed + 1, epochs=None), args.calib_batches))

@@ -176,7 +176,8 @@ def fused_update(rule, g, p, moments, scalars, *, interpret: bool | None = None,
       >>> s = {"decay": 0.9, "lr": -0.1}
       >>> u, (m2,) = fused_update(sgd_rule, g, None, (m,), s)
       >>> r, (r2,) = fused_update_reference(sgd_rule, g, None, (m,), s)
-      >>> bool((u == r).all()), bool((m2.codes == r2.codes).all())
+      >>> # codes equal; the update to float32 rounding (fused multiply-adds differ, see above)
+      >>> bool(jnp.allclose(u, r, rtol=1e-6, atol=0)), bool((m2.codes == r2.codes).all())
       (True, True)
     """
     g = jnp.asarray(g)
