@@ -66,7 +66,7 @@ import jax
 import numpy as np
 
 __all__ = ["AdapterMethod", "AdapterNode", "adapter_node", "is_adapter", "method_to_config",
-           "method_from_config"]
+           "method_from_config", "jit_dense"]
 
 
 class AdapterMethod(abc.ABC):
@@ -146,6 +146,14 @@ def adapter_node(cls: type) -> type:
     meta = [n for n in names if n not in data]
     jax.tree_util.register_dataclass(cls, data_fields=list(data), meta_fields=meta)
     return cls
+
+
+@jax.jit
+def jit_dense(node: AdapterNode) -> jax.Array:
+    """``node._dense()`` compiled once per node structure (shapes, dtypes, static fields), so
+    eager ``materialize()`` calls stay fast; nodes implement ``materialize`` as
+    ``return jit_dense(self)``."""
+    return node._dense()
 
 
 def is_adapter(x: Any) -> bool:

@@ -210,13 +210,6 @@ class CorDA(KernelAxesConfig, AdapterMethod):
         lay = self.layout(shape)
         return lay.n_batch * self.rank * (lay.n_in + lay.n_out)
 
-    def adapter_dtype(self, w_dtype: Any) -> jnp.dtype:
-        """dtype of ``a`` and ``b`` for a kernel of ``w_dtype`` (as :class:`LoRA`)."""
-        if self.dtype is not None:
-            return jnp.dtype(self.dtype)
-        w_dtype = jnp.dtype(w_dtype)
-        return jnp.dtype(jnp.float32) if w_dtype.itemsize < 4 else w_dtype
-
     def _covariance(self, data: Any, lay: KernelLayout) -> jax.Array:
         if not all(hasattr(data, f) for f in ("gram", "sum", "count")):
             raise TypeError(f"CorDA needs InputStats (from effjax.peft.calibrate) as calibration "

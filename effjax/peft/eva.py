@@ -194,13 +194,6 @@ class EVA(KernelAxesConfig, AdapterMethod):
         lay = self.layout(shape)
         return lay.n_batch * self.rank * (lay.n_in + lay.n_out)
 
-    def adapter_dtype(self, w_dtype: Any) -> jnp.dtype:
-        """dtype of ``a`` and ``b`` for a kernel of ``w_dtype`` (as :class:`LoRA`)."""
-        if self.dtype is not None:
-            return jnp.dtype(self.dtype)
-        w_dtype = jnp.dtype(w_dtype)
-        return jnp.dtype(jnp.float32) if w_dtype.itemsize < 4 else w_dtype
-
     def adapt(self, key: jax.Array, w: jax.Array, data: Any = None) -> LoRAWeight:
         """``a`` = the top-``rank`` principal directions of the inputs (``data``: this leaf's
         :class:`~effjax.peft.calibrate.InputStats`), ``b = 0``, ``w`` unchanged."""

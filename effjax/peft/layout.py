@@ -175,3 +175,12 @@ class KernelAxesConfig:
         """The kernel layout this config gives a weight of ``shape``."""
         return KernelLayout.resolve(shape, in_axes=self.in_axes, out_axes=self.out_axes,
                                     batch_axes=self.batch_axes)
+
+    def adapter_dtype(self, w_dtype: Any) -> jnp.dtype:
+        """dtype of the adapter arrays for a kernel of ``w_dtype``: the config's ``dtype``, else
+        the kernel's, except float32 for float16 / bfloat16 kernels (PEFT's
+        ``autocast_adapter_dtype``)."""
+        if self.dtype is not None:
+            return jnp.dtype(self.dtype)
+        w_dtype = jnp.dtype(w_dtype)
+        return jnp.dtype(jnp.float32) if w_dtype.itemsize < 4 else w_dtype

@@ -185,13 +185,6 @@ class LoLDU(KernelAxesConfig, AdapterMethod):
         """:math:`n_{batch}\\,(r + 1)` with ``train_scale``, else :math:`n_{batch}\\, r`."""
         return self.layout(shape).n_batch * (self.rank + int(self.train_scale))
 
-    def adapter_dtype(self, w_dtype: Any) -> jnp.dtype:
-        """dtype of the adapter arrays for a kernel of ``w_dtype``."""
-        if self.dtype is not None:
-            return jnp.dtype(self.dtype)
-        w_dtype = jnp.dtype(w_dtype)
-        return jnp.dtype(jnp.float32) if w_dtype.itemsize < 4 else w_dtype
-
     def adapt(self, key: jax.Array, w: jax.Array) -> LoLDUWeight:
         """The LDU decomposition of each slice's ``(out, in)`` matrix, its top-:math:`r` factors
         and the residual (``key`` is unused: the init is deterministic); placed on ``w``'s

@@ -166,13 +166,6 @@ class LoRA(KernelAxesConfig, AdapterMethod):
         lay = self.layout(shape)
         return lay.n_batch * self.rank * (lay.n_in + lay.n_out)
 
-    def adapter_dtype(self, w_dtype: Any) -> jnp.dtype:
-        """dtype of ``a`` and ``b`` for a kernel of ``w_dtype``."""
-        if self.dtype is not None:
-            return jnp.dtype(self.dtype)
-        w_dtype = jnp.dtype(w_dtype)
-        return jnp.dtype(jnp.float32) if w_dtype.itemsize < 4 else w_dtype
-
     def adapt(self, key: jax.Array, w: jax.Array) -> LoRAWeight:
         """``a`` from the init distribution, ``b = 0`` (or ``a``, ``b`` and the residual ``w``
         from the PiSSA / OLoRA decomposition), on ``w``'s devices and sharded like ``w``'s

@@ -76,7 +76,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from effjax.peft.base import AdapterMethod, AdapterNode, adapter_node
+from effjax.peft.base import AdapterMethod, AdapterNode, adapter_node, jit_dense
 from effjax.peft.layout import KernelAxesConfig, KernelLayout, place_like
 
 __all__ = ["MiSS", "Bone", "MiSSWeight"]
@@ -186,13 +186,6 @@ class MiSS(KernelAxesConfig, AdapterMethod):
         self._check(lay)
         return math.prod(self.block_shape(lay))
 
-    def adapter_dtype(self, w_dtype: Any) -> jnp.dtype:
-        """dtype of the block for a kernel of ``w_dtype``."""
-        if self.dtype is not None:
-            return jnp.dtype(self.dtype)
-        w_dtype = jnp.dtype(w_dtype)
-        return jnp.dtype(jnp.float32) if w_dtype.itemsize < 4 else w_dtype
-
     def adapt(self, key: jax.Array, w: jax.Array) -> MiSSWeight:
         """The zero block (or, with ``init="kaiming"``, :math:`U(\\pm 1/\\sqrt{n_{out}})` from
         ``key``) on ``w``'s devices; the balance block is sharded like ``w``'s output axes."""
@@ -265,7 +258,7 @@ class MiSSWeight(AdapterNode):
 
     def materialize(self) -> jax.Array:
         """:math:`W'` (see the class docs), cast to ``w.dtype``."""
-        return _materialize(self)
+        return jit_dense(self)
 
     def _dense(self) -> jax.Array:
         ct = jnp.promote_types(self.w.dtype, self.block.dtype)
@@ -274,7 +267,3 @@ class MiSSWeight(AdapterNode):
         d = self.layout.from_matrix(self._tiled(ct))
         return (self.w.astype(ct) + d).astype(self.w.dtype)
 
-
-@jax.jit
-def _materialize(node):  # one compiled program per node structure (eager calls stay fast)
-    return node._dense()

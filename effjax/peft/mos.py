@@ -87,7 +87,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from effjax.peft.base import AdapterMethod, AdapterNode, adapter_node
+from effjax.peft.base import AdapterMethod, AdapterNode, adapter_node, jit_dense
 from effjax.peft.layout import KernelAxesConfig, KernelLayout, place_like
 
 __all__ = ["MoS", "MoSWeight", "mos_routing"]
@@ -217,13 +217,6 @@ class MoS(KernelAxesConfig, AdapterMethod):
         self._check(lay)
         return self.pool_rank * lay.n_batch * (lay.n_in + lay.n_out)
 
-    def adapter_dtype(self, w_dtype: Any) -> jnp.dtype:
-        """dtype of the pools for a kernel of ``w_dtype``."""
-        if self.dtype is not None:
-            return jnp.dtype(self.dtype)
-        w_dtype = jnp.dtype(w_dtype)
-        return jnp.dtype(jnp.float32) if w_dtype.itemsize < 4 else w_dtype
-
     def adapt(self, key: jax.Array, w: jax.Array) -> MoSWeight:
         """Pools (``pool_a`` kaiming-uniform, ``pool_b = 0``) and independent routings
         ``idx_a``, ``idx_b`` from ``key``, on ``w``'s devices (replicated)."""
@@ -296,13 +289,9 @@ class MoSWeight(AdapterNode):
 
     def materialize(self) -> jax.Array:
         """:math:`W_s + (\\alpha/r)\\,A_s B_s`, cast to ``w.dtype``."""
-        return _materialize(self)
+        return jit_dense(self)
 
     def _dense(self) -> jax.Array:
         d = self.delta()
         return (self.w.astype(d.dtype) + d).astype(self.w.dtype)
 
-
-@jax.jit
-def _materialize(node):  # one compiled program per node structure (eager calls stay fast)
-    return node._dense()

@@ -58,7 +58,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from effjax.peft.base import AdapterMethod, AdapterNode, adapter_node
+from effjax.peft.base import AdapterMethod, AdapterNode, adapter_node, jit_dense
 from effjax.peft.layout import KernelAxesConfig, KernelLayout, place_like
 
 __all__ = ["NOLA", "NOLAWeight", "nola_bases"]
@@ -167,13 +167,6 @@ class NOLA(KernelAxesConfig, AdapterMethod):
         """:math:`n_{batch}\\,(k + l)`."""
         return self.layout(shape).n_batch * (self.num_basis_a + self.num_basis_b)
 
-    def adapter_dtype(self, w_dtype: Any) -> jnp.dtype:
-        """dtype of the coefficients for a kernel of ``w_dtype``."""
-        if self.dtype is not None:
-            return jnp.dtype(self.dtype)
-        w_dtype = jnp.dtype(w_dtype)
-        return jnp.dtype(jnp.float32) if w_dtype.itemsize < 4 else w_dtype
-
     def bases(self, layout: KernelLayout, dtype: Any = jnp.float32):
         """``(a0, a_bases, b_bases)`` for a kernel of ``layout`` (:func:`nola_bases`)."""
         return nola_bases(self.seed, self.rank, self.num_basis_a, self.num_basis_b,
@@ -244,13 +237,9 @@ class NOLAWeight(AdapterNode):
 
     def materialize(self) -> jax.Array:
         """:math:`W + s\\,AB`, cast to ``w.dtype``."""
-        return _materialize(self)
+        return jit_dense(self)
 
     def _dense(self) -> jax.Array:
         d = self.delta()
         return (self.w.astype(d.dtype) + d).astype(self.w.dtype)
 
-
-@jax.jit
-def _materialize(node):  # one compiled program per node structure (eager calls stay fast)
-    return node._dense()

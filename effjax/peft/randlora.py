@@ -92,7 +92,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from effjax.peft.base import AdapterMethod, AdapterNode, adapter_node
+from effjax.peft.base import AdapterMethod, AdapterNode, adapter_node, jit_dense
 from effjax.peft.layout import KernelAxesConfig, KernelLayout, place_like
 
 __all__ = ["RandLoRA", "RandLoRAWeight", "randlora_bases", "randlora_num_bases"]
@@ -252,13 +252,6 @@ class RandLoRA(KernelAxesConfig, AdapterMethod):
         n = randlora_num_bases(self.rank, lay.n_in, lay.n_out)
         return lay.n_batch * n * (self.rank + min(lay.n_in, lay.n_out))
 
-    def adapter_dtype(self, w_dtype: Any) -> jnp.dtype:
-        """dtype of the adapter arrays for a kernel of ``w_dtype``."""
-        if self.dtype is not None:
-            return jnp.dtype(self.dtype)
-        w_dtype = jnp.dtype(w_dtype)
-        return jnp.dtype(jnp.float32) if w_dtype.itemsize < 4 else w_dtype
-
     def sparsity(self, d_min: int) -> float | None:
         """:math:`s` of the ternary bases (None: dense) for a leaf with ``d_min``."""
         if self.sparse:
@@ -355,13 +348,9 @@ class RandLoRAWeight(AdapterNode):
 
     def materialize(self) -> jax.Array:
         """:math:`W + s\\,M^{(\\top)}`, cast to ``w.dtype``."""
-        return _materialize(self)
+        return jit_dense(self)
 
     def _dense(self) -> jax.Array:
         d = self.delta()
         return (self.w.astype(d.dtype) + d).astype(self.w.dtype)
 
-
-@jax.jit
-def _materialize(node):  # one compiled program per node structure (eager calls stay fast)
-    return node._dense()

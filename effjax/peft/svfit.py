@@ -105,13 +105,6 @@ class SVFit(KernelAxesConfig, AdapterMethod):
         """:math:`n_{batch}\\, r`."""
         return self.layout(shape).n_batch * self.rank
 
-    def adapter_dtype(self, w_dtype: Any) -> jnp.dtype:
-        """dtype of ``u``, ``s``, ``vh`` for a kernel of ``w_dtype``."""
-        if self.dtype is not None:
-            return jnp.dtype(self.dtype)
-        w_dtype = jnp.dtype(w_dtype)
-        return jnp.dtype(jnp.float32) if w_dtype.itemsize < 4 else w_dtype
-
     def adapt(self, key: jax.Array, w: jax.Array) -> SVFitWeight:
         """The truncated SVD of each slice of ``w`` (``key`` is unused: the init is
         deterministic), with the residual :math:`W_e` as the frozen ``w``; placed on ``w``'s

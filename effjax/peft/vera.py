@@ -64,7 +64,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from effjax.peft.base import AdapterMethod, AdapterNode, adapter_node
+from effjax.peft.base import AdapterMethod, AdapterNode, adapter_node, jit_dense
 from effjax.peft.layout import KernelAxesConfig, KernelLayout, place_like
 
 __all__ = ["VeRA", "VeRAWeight", "vera_projections"]
@@ -176,13 +176,6 @@ class VeRA(KernelAxesConfig, AdapterMethod):
         lay = self.layout(shape)
         return lay.n_batch * (self.rank + lay.n_out)
 
-    def adapter_dtype(self, w_dtype: Any) -> jnp.dtype:
-        """dtype of the adapter arrays for a kernel of ``w_dtype``."""
-        if self.dtype is not None:
-            return jnp.dtype(self.dtype)
-        w_dtype = jnp.dtype(w_dtype)
-        return jnp.dtype(jnp.float32) if w_dtype.itemsize < 4 else w_dtype
-
     def adapt(self, key: jax.Array, w: jax.Array) -> VeRAWeight:
         """Frozen ``a``, ``b`` from ``seed`` (``key`` is unused: the matrices are shared by all
         leaves), ``lambda_d = d_initial``, ``lambda_b = 0``; placed on ``w``'s devices."""
@@ -266,13 +259,9 @@ class VeRAWeight(AdapterNode):
 
     def materialize(self) -> jax.Array:
         """:math:`W + (A\\,\\mathrm{diag}(d)\\,B)\\,\\mathrm{diag}(b)`, cast to ``w.dtype``."""
-        return _materialize(self)
+        return jit_dense(self)
 
     def _dense(self) -> jax.Array:
         d = self.delta()
         return (self.w.astype(d.dtype) + d).astype(self.w.dtype)
 
-
-@jax.jit
-def _materialize(node):  # one compiled program per node structure (eager calls stay fast)
-    return node._dense()

@@ -174,13 +174,6 @@ class WeLore(KernelAxesConfig, AdapterMethod):
         lay = self.layout(shape)
         return lay.n_batch * max(self.slice_ranks(shape)) * (lay.n_in + lay.n_out)
 
-    def adapter_dtype(self, w_dtype: Any) -> jnp.dtype:
-        """dtype of ``a`` and ``b`` for a kernel of ``w_dtype``."""
-        if self.dtype is not None:
-            return jnp.dtype(self.dtype)
-        w_dtype = jnp.dtype(w_dtype)
-        return jnp.dtype(jnp.float32) if w_dtype.itemsize < 4 else w_dtype
-
     def adapt(self, key: jax.Array, w: jax.Array) -> WeLoreWeight:
         """The truncated SVD factors of each slice of ``w`` (``key`` is unused: deterministic);
         ``a`` sharded like ``w``'s batch / in axes and ``b`` like its batch / out axes."""
