@@ -101,7 +101,7 @@ class AdapterMethod(abc.ABC):
         return type(self).__name__
 
 
-class AdapterNode:
+class AdapterNode(abc.ABC):
     """Base class of adapter nodes (frozen dataclasses registered with :func:`adapter_node`).
 
     Class variables:
@@ -112,9 +112,16 @@ class AdapterNode:
     trainable_fields: ClassVar[tuple[str, ...]] = ()
     frozen_fields: ClassVar[tuple[str, ...]] = ()
 
+    @abc.abstractmethod
     def materialize(self) -> jax.Array:
-        """The dense weight (the original leaf's shape and dtype)."""
-        raise NotImplementedError(f"{type(self).__name__} does not implement materialize()")
+        """The dense weight (the original leaf's shape and dtype); most nodes return
+        ``jit_dense(self)`` and define ``delta()`` (see :meth:`_dense`)."""
+
+    def _dense(self) -> jax.Array:
+        """``w + delta()`` in the promoted dtype, cast to ``w``'s dtype (for nodes with a
+        frozen ``w`` and a ``delta()`` method; :func:`jit_dense` compiles it)."""
+        d = self.delta()
+        return (self.w.astype(d.dtype) + d).astype(self.w.dtype)
 
     def merge(self) -> jax.Array:
         """The dense weight with the adapter folded in, for export (default: materialize)."""

@@ -291,7 +291,4 @@ class MoSWeight(AdapterNode):
         """:math:`W_s + (\\alpha/r)\\,A_s B_s`, cast to ``w.dtype``."""
         return jit_dense(self)
 
-    def _dense(self) -> jax.Array:
-        d = self.delta()
-        return (self.w.astype(d.dtype) + d).astype(self.w.dtype)
 

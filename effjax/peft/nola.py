@@ -239,7 +239,4 @@ class NOLAWeight(AdapterNode):
         """:math:`W + s\\,AB`, cast to ``w.dtype``."""
         return jit_dense(self)
 
-    def _dense(self) -> jax.Array:
-        d = self.delta()
-        return (self.w.astype(d.dtype) + d).astype(self.w.dtype)
 

@@ -350,7 +350,4 @@ class RandLoRAWeight(AdapterNode):
         """:math:`W + s\\,M^{(\\top)}`, cast to ``w.dtype``."""
         return jit_dense(self)
 
-    def _dense(self) -> jax.Array:
-        d = self.delta()
-        return (self.w.astype(d.dtype) + d).astype(self.w.dtype)
 

@@ -261,7 +261,4 @@ class VeRAWeight(AdapterNode):
         """:math:`W + (A\\,\\mathrm{diag}(d)\\,B)\\,\\mathrm{diag}(b)`, cast to ``w.dtype``."""
         return jit_dense(self)
 
-    def _dense(self) -> jax.Array:
-        d = self.delta()
-        return (self.w.astype(d.dtype) + d).astype(self.w.dtype)
 
