@@ -1,16 +1,30 @@
 """ALLoRA: LoRA without dropout and scaling factor, with a norm-adaptive learning rate.
 
 Huang & Balestriero, "ALLoRA: Adaptive Learning Rate Mitigates LoRA Fatal Flaws",
-arXiv:2410.09692 (2024), Sec. 4. ALLoRA trains the LoRA product ``dW = A B`` with no dropout
-and no ``alpha / r`` factor in the forward pass. Instead, in the backward pass, the gradient that
-reaches the adapter through output unit ``i`` is multiplied by
+arXiv:2410.09692v1 (2024), Sec. 4.2 and Appendix F (Listing 1). With ``f(x) = B A x``,
+``B``: ``(n1, r)``, ``A``: ``(r, n2)`` and ``g_i`` the row of ``dL/d(BA)`` for output ``i``, the
+paper defines ALLoRA as
 
-    c_i = 1 / sqrt(||dW_i||_2 + 1 / eta^2)
+    f~ = I o f,     g~_i = 1 / sqrt(||(BA)_{i,:}|| + 1/eta^2) * g_i,   i in [n1]
 
-where ``dW_i`` is the slice of ``dW`` that produces output ``i`` (a row in the paper's ``W + AB``
-notation, a column of a Flax ``(in, out)`` kernel). At initialization (``B = 0``) ``c_i = eta``,
-so ``eta`` plays the role of LoRA's scaling factor in the first steps, and the step shrinks as
-the adapter grows. The gradient propagated to the layer's input is not rescaled.
+"where eta is a hyperparameter": the forward pass has no dropout and no ``alpha / r`` factor, and
+the gradient is rescaled per output unit by the unsquared L2 norm of that unit's row of ``BA``.
+At ``B = 0`` the coefficient is its maximum ``eta`` (Sec. 4.2: it "reaches maximum eta at
+||(BA)_{i,:}|| = 0 and then tapers down"), so ``eta`` takes the place of LoRA's scaling factor in
+the first steps. Only the gradients of ``A`` and ``B`` are rescaled: "We only modify the gradients
+of A and B, but not that of the input." The paper's Listing 1 computes exactly this
+(``norms = torch.norm(weight_B @ weight_A, dim=1)``, ``1. / torch.sqrt(norms + rsq_scale)``
+with ``rsq_scale = 1/eta^2 = 1/4``, applied to ``grad_output`` before it forms the gradients of
+``A`` and ``B``; ``grad_input`` unscaled). The coefficient depends on the weights only, the same
+for every sample (the output-dependent, per-sample variant ALLoRA-OD of Sec. 4.3 is not
+implemented). The experiments use ``eta^2 in {1, 2, 4}`` with a base learning rate ``1e-4``
+(Sec. 4.4-4.5, Table 1 uses ``eta = 1``; Listing 1 ``eta = 2``); the paper's code is at
+github.com/rbalestr-lab/allora (its footnote 1).
+
+In a Flax ``(in, out)`` kernel ``dW = A B`` (``A``: ``(in, r)``, ``B``: ``(r, out)``) the paper's
+row ``(BA)_{i,:}`` is column ``i`` of ``dW``, so here
+
+    c_i = 1 / sqrt(||dW[:, i]||_2 + 1 / eta^2)
 
 Two entry points:
 
@@ -18,13 +32,8 @@ Two entry points:
   ``c_i`` to the output gradient before it forms the gradients of ``A`` and ``B``.
 * :func:`scale_by_inverse_param_norm` -- the same coefficient as an optax transformation on
   each parameter leaf, with the leaf's own norm per output slice in place of ``dW``'s, for
-  chains that cannot change the model's backward pass. Use it on adapter leaves only
-  (``optax.masked``).
-
-Note: the paper ships no official code. The coefficient's form (an unsquared norm under the
-square root, one coefficient per output unit, the input gradient left unscaled) is taken from
-the paper's Sec. 4 as transcribed by public re-implementations; the paper's text itself was not
-available to check the exponent.
+  chains that cannot change the model's backward pass. This is an approximation, not the
+  paper's rule. Use it on adapter leaves only (``optax.masked``).
 """
 
 from __future__ import annotations
@@ -50,7 +59,7 @@ def _check_eta(eta) -> None:
 
 
 def allora_coefficient(norm, eta):
-    """ALLoRA's gradient coefficient ``1 / sqrt(norm + 1 / eta^2)`` (Sec. 4), in float32.
+    """ALLoRA's gradient coefficient ``1 / sqrt(norm + 1 / eta^2)`` (Sec. 4.2), in float32.
 
     ``norm`` is an L2 norm (>= 0); the coefficient is ``eta`` at ``norm = 0`` and decreases
     monotonically.
@@ -107,8 +116,8 @@ def allora_lora_delta(x, lora_a, lora_b, *, eta: float):
     """ALLoRA's adapter output ``x @ A @ B``: no dropout, no scaling, a rescaled backward.
 
     Forward: ``y = x A B`` with ``A``: ``(in, r)`` and ``B``: ``(r, out)`` (Flax's ``nnx.LoRA``
-    layout; add it to the frozen layer's output). Backward (Huang & Balestriero 2024, Sec. 4):
-    with ``dW = A B`` and output gradient ``delta``,
+    layout; add it to the frozen layer's output). Backward (Huang & Balestriero 2024, Sec. 4.2
+    and Listing 1), with ``dW = A B`` and output gradient ``delta``:
 
         c_j = 1 / sqrt(||dW[:, j]||_2 + 1/eta^2),   delta~ = delta * c   (per output unit j)
         dL/dA = x^T delta~ B^T,   dL/dB = (x A)^T delta~,   dL/dx = delta B^T A^T (unscaled).
@@ -167,7 +176,7 @@ def scale_by_inverse_param_norm(
     with the norm taken over ``axis`` (kept, so there is one coefficient per remaining index).
     The default, ``axis=None``, reduces every axis but the last: one coefficient per output unit
     of a Flax ``(..., out)`` kernel, as ALLoRA's per-output rule (Huang & Balestriero 2024,
-    Sec. 4); 0-d and 1-d leaves use their whole norm.
+    Sec. 4.2); 0-d and 1-d leaves use their whole norm.
 
     This is the per-parameter form of the coefficient: it uses each leaf's own norm, while the
     paper's rule uses the norm of the product ``A B`` and rescales the output gradient before it

@@ -33,7 +33,7 @@ def _normal(*shape, scale=1.0):
 # ----------------------------------------------------------------------------- ALLoRA
 
 
-def _np_coef(norm, eta):  # Huang & Balestriero 2024, Sec. 4: 1 / sqrt(||.|| + 1/eta^2)
+def _np_coef(norm, eta):  # Huang & Balestriero 2024, Sec. 4.2: 1 / sqrt(||(BA)_i,:|| + 1/eta^2)
     return 1.0 / np.sqrt(np.asarray(norm, np.float64) + 1.0 / eta**2)
 
 
@@ -78,6 +78,34 @@ def test_allora_at_init_gradient_is_eta_times_lora():
     g = jax.grad(lambda b: jnp.sum(t * allora_lora_delta(x, a, b, eta=4.0)))(b)
     g_lora = jax.grad(lambda b: jnp.sum(t * (x @ a @ b)))(b)
     np.testing.assert_allclose(g, 4.0 * g_lora, rtol=1e-6)
+
+
+def _np_paper_listing1(input_x, weight_a, weight_b, grad_output, rsq_scale):
+    """Huang & Balestriero 2024, Appendix F, Listing 1, line by line in numpy (paper layout:
+    A (r, n2), B (n1, r), input (batch, seq, n2)); torch sums the per-sample A/B grads over batch.
+    """
+    input_x, weight_a, weight_b, grad_output = (
+        np.asarray(v, np.float64) for v in (input_x, weight_a, weight_b, grad_output))
+    norms = np.linalg.norm(weight_b @ weight_a, axis=1)  # torch.norm(B @ A, dim=1): unsquared
+    accelerate = 1.0 / np.sqrt(norms + rsq_scale)
+    grad_input = grad_output @ weight_b @ weight_a
+    temp = np.swapaxes((grad_output * accelerate) @ weight_b, 1, 2)
+    grad_weight_a = (temp @ input_x).sum(0)
+    temp = np.swapaxes(grad_output * accelerate, 1, 2)
+    grad_weight_b = (temp @ (input_x @ weight_a.T)).sum(0)
+    return grad_input, grad_weight_a, grad_weight_b
+
+
+@pytest.mark.parametrize("eta", [2.0, 1.0, math.sqrt(2.0)])  # Listing 1: rsq_scale = 1/4
+def test_allora_lora_delta_matches_paper_listing(eta):
+    # Paper layout (out = B A x) vs Flax layout (out = x A' B' with A' = A^T, B' = B^T).
+    x, t = _normal(3, 5, 7), _normal(3, 5, 4)
+    pa, pb = _normal(2, 7), _normal(4, 2, scale=0.8)  # A (r, n2), B (n1, r)
+    loss = lambda x, a, b: jnp.sum(t * allora_lora_delta(x, a, b, eta=eta))
+    gx, ga, gb = jax.grad(loss, argnums=(0, 1, 2))(x, pa.T, pb.T)
+    rx, ra, rb = _np_paper_listing1(x, pa, pb, t, rsq_scale=1.0 / eta**2)
+    for got, ref in ((gx, rx), (ga, ra.T), (gb, rb.T)):
+        np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("x_shape,a_shape,b_shape,eta,err", [
