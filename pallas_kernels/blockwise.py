@@ -163,7 +163,9 @@ def _nearest_codes(y, cb: Codebook, tables):
     """Codes (int32, the codebook's own order) of the values nearest to float32 ``y``."""
     sorted_values = _search.sorted_values_of(cb.values)
     if not cb.tables:
-        return _search.to_codes(_search.nearest_sorted(y, sorted_values), cb.values)
+        # tables=False: a kernel cannot capture a lookup-table constant.
+        idx = _search.nearest_sorted(y, sorted_values, tables=False)
+        return _search.to_codes(idx, cb.values, tables=False)
     rows, _, order_idx = tables
     table = _search._bucket_table(sorted_values)
     bits = jax.lax.bitcast_convert_type(y, jnp.int32)
@@ -178,7 +180,7 @@ def _nearest_codes(y, cb: Codebook, tables):
 def _code_values(codes, cb: Codebook, tables):
     """``codebook[codes]`` as float32."""
     if not cb.tables:
-        return _search.value_at(codes, cb.values)
+        return _search.value_at(codes, cb.values, tables=False)
     return tables[1].at[codes.astype(jnp.int32)].get(mode="promise_in_bounds")
 
 

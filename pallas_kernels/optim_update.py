@@ -36,6 +36,11 @@ all leaves would need their codes, absmax, parameters and gradients concatenated
 buffer, i.e. an extra read and write of everything (or a flat state layout, which would break
 checkpoint compatibility with the jnp path), so it is not implemented.
 
+CPU: Pallas only interprets there, so :func:`fused_update_chunked` is the fused step in plain
+jnp (the rule on the whole leaf for the update, a loop over cache-sized chunks for the
+requantization); ``effjax.optim`` uses it by default on single-device CPUs for large 8-bit
+leaves (:func:`chunk_pays`).
+
 Leaves below ``min_quantized_size`` (float32 state) and all counters are left to the jnp
 transform: :func:`fused_lowbit` runs the jnp update and substitutes the kernel's results for the
 quantized leaves; under ``jax.jit`` (the update is jitted) XLA drops the unused jnp work.
@@ -44,6 +49,7 @@ quantized leaves; under ``jax.jit`` (the update is jitted) XLA drops the unused 
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -52,12 +58,13 @@ import numpy as np
 import optax
 from jax.experimental import pallas as pl
 
-from effjax.quant import QuantizedArray, dequantize_blockwise, quantize_blockwise
+from effjax.quant import QuantizedArray, block_layout, dequantize_blockwise, quantize_blockwise
 from pallas_kernels import blockwise as bw
 
 __all__ = [
     "adam_rule", "lion_rule", "sgd_rule", "fused_update", "fused_update_reference",
-    "fused_lowbit", "kernel_available", "should_use_kernel", "FusedSpec",
+    "fused_update_chunked", "chunk_pays", "fused_lowbit", "kernel_available", "select_path",
+    "FusedSpec",
 ]
 
 
@@ -154,6 +161,128 @@ def fused_update_reference(rule, g, p, moments, scalars, *, name="<leaf>"):
     new_q = tuple(quantize_blockwise(_finite(m), codebook=q.codebook, block_size=q.block_size)
                   for m, q in zip(new, moments))
     return jnp.where(jnp.isfinite(g), u, jnp.zeros_like(u)), new_q
+
+
+#: Elements per chunk of :func:`fused_update_chunked` (256 KiB of float32 per temporary;
+#: measured best of 2**14..2**18 on the 10M tree of ``experiments/bench_optim.py``).
+CHUNK_ELEMS = 2**16
+
+
+#: 8-bit leaves from this many elements take the chunked step in ``fused_lowbit(chunked=True)``;
+#: smaller ones (and 4-bit leaves) keep the unfused jnp step, which was as fast or faster in
+#: measurements on the 2-core CI machine (single leaves, min of 15 steps, ratio
+#: to optax.adamw; unfused / chunked): 8-bit 1M elements 6.2x / 10.0x, 4M 11.1x / 6.0x,
+#: 16M 8.5x / 4.8x; 4-bit 4M 17.8x / 25.7x.
+CHUNK_MIN_ELEMS = 2**22
+
+
+def chunk_pays(q: QuantizedArray) -> bool:
+    """Whether ``fused_lowbit(chunked=True)`` runs :func:`fused_update_chunked` on a leaf with
+    moment ``q`` (8-bit, at least :data:`CHUNK_MIN_ELEMS` elements)."""
+    return q.bits == 8 and q.size >= CHUNK_MIN_ELEMS
+
+
+def _chunk_view(shape, block_size: int, bits: int):
+    """Blocks of a leaf as rows of a 2-D view ``(n_blocks, block_size)``, or None.
+
+    The view is a free reshape when the blocking length ``L`` is a multiple of the block (no
+    padded block) and 4-bit byte pairs never straddle two original rows (even last axis)."""
+    k, length = block_layout(tuple(shape), block_size)
+    if length % block_size or (bits == 4 and (block_size % 2 or shape[-1] % 2)):
+        return None
+    return math.prod(shape[: len(shape) - k]) * (length // block_size)
+
+
+def fused_update_chunked(rule, g, p, moments, scalars, *, chunk_elems: int | None = None,
+                         name: str = "<leaf>"):
+    """:func:`fused_update_reference` with the requantization run chunk by chunk (pure jnp).
+
+    The fused step for CPUs, where Pallas only interprets. XLA:CPU cannot fuse a block
+    reduction (the new absmax) with its consumers, so on a whole leaf it materializes the
+    dequantized codes and the new float32 moments as leaf-sized temporaries, which are paged in
+    afresh at every step. Here:
+
+    * the update is the rule applied to the dequantized old moments of the whole leaf: an
+      elementwise expression that XLA fuses into its consumer (``optax.apply_updates``) as it
+      does for any optax update;
+    * the new codes and scales come from a ``fori_loop`` over consecutive chunks of at most
+      ``chunk_elems`` elements (default :data:`CHUNK_ELEMS`; whole blocks, and at least two
+      chunks) whose temporaries stay in cache. The loop writes them to new buffers:
+      requantizing in place while the update still reads the old codes makes XLA copy the
+      codes twice.
+
+    Both run the reference's expressions on the same elements, so codes and scales are the
+    reference's, and the update too wherever XLA contracts the same multiply-adds (tested
+    through the public optimizers). Leaves whose blocks cannot be viewed as rows without a copy
+    (a padded last block, or 4-bit codes with an odd last axis) run the reference as a whole.
+    The loop slices the leaf's flattened blocks, so on a sharded leaf XLA gathers it: the
+    optimizers pick this step only in single-device processes (:func:`select_path`).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from effjax.quant import quantize_blockwise, dynamic_codebook
+      >>> from pallas_kernels.optim_update import (fused_update_chunked,
+      ...     fused_update_reference, lion_rule)
+      >>> g = jnp.linspace(-1.0, 1.0, 4096).reshape(4, 1024)
+      >>> m = quantize_blockwise(0.5 * g, codebook=dynamic_codebook(), block_size=256)
+      >>> s = {"b1": 0.9, "b2": 0.99, "lr": -0.1}
+      >>> u, (m2,) = fused_update_chunked(lion_rule, g, None, (m,), s, chunk_elems=1024)
+      >>> r, (r2,) = fused_update_reference(lion_rule, g, None, (m,), s)
+      >>> bool((u == r).all()), bool((m2.codes == r2.codes).all()), m2.absmax.shape
+      (True, True, (4, 4))
+    """
+    g = jnp.asarray(g)
+    _check_leaf(g, p, moments, name)
+    q0 = moments[0]
+    bs, bits = q0.block_size, q0.bits
+    n_blocks = _chunk_view(g.shape, bs, bits)
+    if n_blocks is None:
+        return fused_update_reference(rule, g, p, moments, scalars, name=name)
+    # At most CHUNK_ELEMS per chunk, and at least two chunks: a leaf run as one piece has the
+    # same decode feeding the update and the requantization, which XLA materializes.
+    per = max(1, min((CHUNK_ELEMS if chunk_elems is None else int(chunk_elems)) // bs,
+                     -(-n_blocks // 2)))
+    u, new_whole = rule(g, p, tuple(dequantize_blockwise(q) for q in moments), scalars)
+    u = jnp.where(jnp.isfinite(g), u, jnp.zeros_like(u))
+    cols = bs * bits // 8
+    g2 = g.reshape(n_blocks, bs)
+    p2 = None if p is None else jnp.asarray(p).reshape(n_blocks, bs)
+    old_codes = [q.codes.reshape(n_blocks, cols) for q in moments]
+    old_scales = [q.absmax.reshape(n_blocks, 1) for q in moments]
+
+    def step(lo, size, carry):
+        def sl(x):
+            return jax.lax.dynamic_slice_in_dim(x, lo, size, 0)
+
+        # The barrier keeps XLA from merging this decode with the update's (CSE), which would
+        # give the decoded moments two consumers and so a materialized leaf-sized temporary.
+        codes, scales = jax.lax.optimization_barrier(
+            ([sl(c) for c in old_codes], [sl(a) for a in old_scales]))
+        ms = tuple(QuantizedArray(codes=c, absmax=a, shape=(size, bs), dtype=q.dtype,
+                                  block_size=bs, codebook=q.codebook, bits=bits)
+                   for c, a, q in zip(codes, scales, moments))
+        _, new = fused_update_reference(rule, sl(g2), None if p2 is None else sl(p2), ms,
+                                        scalars, name=name)
+        if carry is None:  # the whole leaf in one step
+            return [m.codes for m in new], [m.absmax for m in new]
+        return ([jax.lax.dynamic_update_slice_in_dim(c, m.codes, lo, 0)
+                 for c, m in zip(carry[0], new)],
+                [jax.lax.dynamic_update_slice_in_dim(a, m.absmax, lo, 0)
+                 for a, m in zip(carry[1], new)])
+
+    n_full, rest = divmod(n_blocks, per)
+    if n_full == 1 and not rest:  # a single block
+        codes, scales = step(0, n_blocks, None)
+    else:
+        init = ([jnp.zeros_like(c) for c in old_codes], [jnp.zeros_like(a) for a in old_scales])
+        codes, scales = jax.lax.fori_loop(0, n_full, lambda i, c: step(i * per, per, c), init)
+        if rest:
+            codes, scales = step(n_full * per, rest, (codes, scales))
+    new_q = tuple(QuantizedArray(codes=c.reshape(q.codes.shape), absmax=a.reshape(q.absmax.shape),
+                                 shape=tuple(g.shape), dtype=m.dtype, block_size=bs,
+                                 codebook=q.codebook, bits=bits)
+                  for c, a, q, m in zip(codes, scales, moments, new_whole))
+    return u, new_q
 
 
 def fused_update(rule, g, p, moments, scalars, *, interpret: bool | None = None,
@@ -279,16 +408,30 @@ def kernel_available() -> bool:
     return jax.default_backend() in VALIDATED_BACKENDS
 
 
-def should_use_kernel(use_kernel: bool | None, *, name: str, has_kernel: bool = True) -> bool:
-    """Resolve ``use_kernel`` (``None`` = auto, see :func:`kernel_available`)."""
+def select_path(use_kernel: bool | None, *, name: str, has_kernel: bool = True) -> str | None:
+    """Which step an ``effjax.optim`` alias runs: ``"pallas"`` (the fused kernel),
+    ``"chunked"`` (:func:`fused_update_chunked`, the fused step in jnp) or ``None`` (the
+    unfused jnp path of :func:`effjax.optim.quantize_state`).
+
+    ``use_kernel=True``: the kernel (interpret mode on CPU: slow, for testing). ``False``: the
+    unfused jnp path. ``None`` (auto), for optimizers that have a fused step: the kernel on
+    :data:`VALIDATED_BACKENDS`, the chunked jnp step on a CPU with one device, else the unfused
+    jnp path.
+    """
     if use_kernel is not None and not isinstance(use_kernel, bool):
         raise ValueError(f"{name}: use_kernel must be None, True or False, got {use_kernel!r}")
-    if use_kernel is None:
-        return has_kernel and kernel_available()
     if use_kernel and not has_kernel:
         raise ValueError(f"{name}: there is no fused Pallas kernel for this optimizer; pass "
                          "use_kernel=None or False")
-    return use_kernel
+    if use_kernel is not None:
+        return "pallas" if use_kernel else None
+    if not has_kernel:
+        return None
+    if kernel_available():
+        return "pallas"
+    # The chunked step slices flattened blocks, which gathers a sharded leaf: single-device
+    # CPU processes only.
+    return "chunked" if jax.default_backend() == "cpu" and jax.device_count() == 1 else None
 
 
 class FusedSpec(NamedTuple):
@@ -325,13 +468,15 @@ def _mask_leaves(mask, updates, n):
 
 
 def fused_lowbit(jnp_tx: optax.GradientTransformationExtraArgs, spec: FusedSpec, *,
-                 interpret: bool | None = None,
-                 tile_elems: int | None = None) -> optax.GradientTransformationExtraArgs:
+                 interpret: bool | None = None, tile_elems: int | None = None,
+                 chunked: bool = False) -> optax.GradientTransformationExtraArgs:
     """The low-bit optimizer ``jnp_tx`` (an ``effjax.optim`` alias) with fused kernel steps.
 
     Same ``init`` and the same state pytree as ``jnp_tx`` (checkpoints are interchangeable);
     ``update`` runs the kernel for every leaf whose moments are QuantizedArrays and takes all
     else (small float32 leaves, counters, schedule states) from ``jnp_tx.update``.
+    ``chunked=True`` runs :func:`fused_update_chunked` instead of the kernel, on the leaves
+    where :func:`chunk_pays` (the others keep ``jnp_tx``'s step).
     """
     rule, n_mom = _RULES[spec.algo]
 
@@ -392,9 +537,14 @@ def fused_lowbit(jnp_tx: optax.GradientTransformationExtraArgs, spec: FusedSpec,
             if use_wd and decay_mask[i]:
                 leaf_s["wd"] = wd
             p = flat_p[i] if "wd" in leaf_s else None
-            u, new = fused_update(rule, g, p, ms, leaf_s, interpret=interpret,
-                                  tile_elems=tile_elems,
-                                  name=jax.tree_util.keystr(path) or "<root>")
+            leaf_name = jax.tree_util.keystr(path) or "<root>"
+            if chunked:
+                if not chunk_pays(ms[0]):
+                    continue  # the unfused jnp step's results
+                u, new = fused_update_chunked(rule, g, p, ms, leaf_s, name=leaf_name)
+            else:
+                u, new = fused_update(rule, g, p, ms, leaf_s, interpret=interpret,
+                                      tile_elems=tile_elems, name=leaf_name)
             out_u[i] = u
             for k in range(n_mom):
                 new_moms[k][i] = new[k]

@@ -11,9 +11,19 @@ of ``|y|`` (plus the sign) pick a bucket that holds at most one threshold, so on
 ``(count of thresholds below the bucket, the threshold inside it)`` and one compare give the
 count. ``m`` is the smallest width for which that holds.
 
-The 8-bit dynamic maps skip tables altogether (``_dynamic_map``): on CPU a gather costs about
-20x a vectorized arithmetic op, and these searches dominate a low-bit optimizer step. Small
-codebooks (16 values) decode with a chain of selects for the same reason.
+Two ways to evaluate the same exact answer (``tables``):
+
+* ``tables=True``: one-dimensional lookup tables. The bucket table is stored as two 1-D arrays
+  (counts, thresholds) and read with two scalar gathers; decoding reads the values table. On
+  XLA:CPU a 1-D gather from a table that fits in L1 costs about one vectorized op, whereas the
+  previous ``(rows, 2)`` row gather was not vectorized (13.5 ms vs 2.9 ms for 8M elements,
+  ``experiments/bench_optim.py``'s machine), so this is the default on CPU.
+* ``tables=False``: no tables. The 8-bit dynamic maps use their closed form
+  (``_dynamic_map``), 16-value codebooks count thresholds and decode with a chain of selects.
+  Pallas kernels need this (a kernel cannot capture a table constant) and it is the default on
+  other backends, where it has not been measured against gathers.
+
+Both give bit-identical codes and values (tested).
 """
 
 from __future__ import annotations
@@ -102,20 +112,36 @@ def _bucket_table(values: tuple[float, ...]) -> _BucketTable:
     raise ValueError("codebook thresholds are too close together for a bucket table")
 
 
-def _table_index(y: jax.Array, values: tuple[float, ...]) -> jax.Array:
-    if len(values) <= _DIRECT_MAX:
+def default_tables() -> bool:
+    """Whether the jnp path reads lookup tables by default: on CPU (see the module docstring)."""
+    return jax.default_backend() == "cpu"
+
+
+def _resolve(tables: bool | None) -> bool:
+    return default_tables() if tables is None else bool(tables)
+
+
+@functools.cache
+def _split_table(values: tuple[float, ...]) -> tuple[_BucketTable, np.ndarray, np.ndarray]:
+    table = _bucket_table(values)
+    return table, table.rows[:, 0].astype(np.int32), np.ascontiguousarray(table.rows[:, 1])
+
+
+def _table_index(y: jax.Array, values: tuple[float, ...], tables: bool = False) -> jax.Array:
+    if len(values) <= _DIRECT_MAX and not tables:
         t = _thresholds(np.asarray(values, np.float32))
         idx = jnp.zeros(y.shape, jnp.int32)
         for tk in t.tolist():
             idx = idx + (y >= np.float32(tk)).astype(jnp.int32)
         return idx
-    table = _bucket_table(values)
+    table, counts, thresholds = _split_table(values)
     bits = jax.lax.bitcast_convert_type(y, jnp.int32)
     mag = jnp.bitwise_and(bits, 0x7FFFFFFF)
     q = jnp.clip(jnp.right_shift(mag, table.shift) - table.q0, 0, table.buckets - 1)
     q = q + jnp.where(bits < 0, table.buckets, 0)
-    row = jnp.asarray(table.rows).at[q].get(mode="promise_in_bounds")
-    return row[..., 0].astype(jnp.int32) + (y >= row[..., 1]).astype(jnp.int32)
+    count = jnp.asarray(counts).at[q].get(mode="promise_in_bounds")
+    inside = jnp.asarray(thresholds).at[q].get(mode="promise_in_bounds")
+    return count + (y >= inside).astype(jnp.int32)
 
 
 def _values_select(idx: jax.Array, values) -> jax.Array:
@@ -125,41 +151,53 @@ def _values_select(idx: jax.Array, values) -> jax.Array:
     return out
 
 
-def sorted_value(idx: jax.Array, sorted_values: tuple[float, ...]) -> jax.Array:
-    """``sorted_values[idx]`` (float32) for int32 ``idx``; gather-free where possible."""
+def _gather(values, idx: jax.Array) -> jax.Array:
+    return jnp.asarray(np.asarray(values, np.float32)).at[idx].get(mode="promise_in_bounds")
+
+
+def sorted_value(idx: jax.Array, sorted_values: tuple[float, ...], *,
+                 tables: bool | None = None) -> jax.Array:
+    """``sorted_values[idx]`` (float32) for int32 ``idx``; gather-free if not ``tables``."""
+    if _resolve(tables):
+        return _gather(sorted_values, idx)
     kind = _dynamic_map.kind_of(sorted_values)
     if kind is not None:
         return _dynamic_map.decode(idx, kind)
     if len(sorted_values) <= _DIRECT_MAX:
         return _values_select(idx, sorted_values)
-    table = jnp.asarray(np.asarray(sorted_values, np.float32))
-    return table.at[idx].get(mode="promise_in_bounds")
+    return _gather(sorted_values, idx)
 
 
-def nearest_sorted(y: jax.Array, sorted_values: tuple[float, ...]) -> jax.Array:
+def nearest_sorted(y: jax.Array, sorted_values: tuple[float, ...], *,
+                   tables: bool | None = None) -> jax.Array:
     """Index (int32) of the value of ``sorted_values`` nearest to float32 ``y`` (ties go to the
-    larger value). NaN maps to an arbitrary valid index."""
-    kind = _dynamic_map.kind_of(sorted_values)
-    if kind is not None:
-        return _dynamic_map.nearest(y, kind)
-    return _table_index(y, sorted_values)
+    larger value). NaN maps to index 0, whichever strategy runs."""
+    tables = _resolve(tables)
+    kind = None if tables else _dynamic_map.kind_of(sorted_values)
+    idx = (_dynamic_map.nearest(y, kind) if kind is not None
+           else _table_index(y, sorted_values, tables))
+    return jnp.where(jnp.isnan(y), 0, idx)
 
 
-def floor_sorted(y: jax.Array, sorted_values: tuple[float, ...]) -> jax.Array:
+def floor_sorted(y: jax.Array, sorted_values: tuple[float, ...], *,
+                 tables: bool | None = None) -> jax.Array:
     """Index of the largest value ``<= y`` (0 below the smallest value)."""
-    idx = nearest_sorted(y, sorted_values)
-    return jnp.maximum(idx - (sorted_value(idx, sorted_values) > y).astype(jnp.int32), 0)
+    idx = nearest_sorted(y, sorted_values, tables=tables)
+    above = sorted_value(idx, sorted_values, tables=tables) > y
+    return jnp.maximum(idx - above.astype(jnp.int32), 0)
 
 
-def value_at(codes: jax.Array, values: tuple[float, ...]) -> jax.Array:
+def value_at(codes: jax.Array, values: tuple[float, ...], *,
+             tables: bool | None = None) -> jax.Array:
     """``values[codes]`` as float32 (codes in the codebook's own order)."""
+    if _resolve(tables):
+        return _gather(values, codes.astype(jnp.int32))
     order = _order(values)
     if order is None:
-        return sorted_value(codes.astype(jnp.int32), values)
+        return sorted_value(codes.astype(jnp.int32), values, tables=False)
     if len(values) <= _DIRECT_MAX:
         return _values_select(codes.astype(jnp.int32), values)
-    table = jnp.asarray(np.asarray(values, np.float32))
-    return table.at[codes.astype(jnp.int32)].get(mode="promise_in_bounds")
+    return _gather(values, codes.astype(jnp.int32))
 
 
 @functools.cache
@@ -172,12 +210,13 @@ def _order(values: tuple[float, ...]):
     return tuple(float(v) for v in arr[order]), tuple(int(i) for i in order)
 
 
-def to_codes(sorted_idx: jax.Array, values: tuple[float, ...]) -> jax.Array:
+def to_codes(sorted_idx: jax.Array, values: tuple[float, ...], *,
+             tables: bool | None = None) -> jax.Array:
     """Map sorted positions back to codes in the codebook's own order (int32)."""
     order = _order(values)
     if order is None:
         return sorted_idx
-    if len(values) <= _DIRECT_MAX:
+    if len(values) <= _DIRECT_MAX and not _resolve(tables):
         out = jnp.zeros(sorted_idx.shape, jnp.int32)
         for pos, code in enumerate(order[1]):
             if code:

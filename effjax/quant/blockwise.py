@@ -234,8 +234,11 @@ def quantize_blockwise(
                           block_size=int(block_size), codebook=values, bits=bits)
 
 
-def dequantize_blockwise(q: QuantizedArray) -> jax.Array:
+def dequantize_blockwise(q: QuantizedArray, *, tables: bool | None = None) -> jax.Array:
     """Inverse of :func:`quantize_blockwise`: ``codebook[codes] * absmax`` in ``q.dtype``.
+
+    ``tables`` picks how codes are decoded (a lookup table, or gather-free arithmetic for the
+    dynamic and 16-value maps; ``None``: the backend's default); the result is the same.
 
     Example:
       >>> import jax.numpy as jnp
@@ -249,7 +252,7 @@ def dequantize_blockwise(q: QuantizedArray) -> jax.Array:
     codes = q.codes
     if q.bits == 4:
         codes = _unpack4(codes, q.shape[-1])
-    vals = _search.value_at(codes, q.codebook)
+    vals = _search.value_at(codes, q.codebook, tables=tables)
     vb, lead, length = _blocks(vals, q.block_size)
     out = vb * q.absmax[..., None]
     return _unblocks(out, lead, length, q.shape).astype(q.dtype)

@@ -383,3 +383,34 @@ def test_huge_block_absmax_is_not_flushed_to_zero():
     out = np.asarray(dequantize_blockwise(q))
     assert float(q.absmax[0]) == np.float32(3e38)
     np.testing.assert_allclose(out, np.asarray(x), rtol=0.03)
+
+
+# ------------------------------------------------------- 7. the two lookup strategies agree
+@pytest.mark.parametrize("name", sorted(CODEBOOKS))
+def test_table_and_gather_free_lookups_agree_with_brute_force(name):
+    """``tables=True`` (1-D lookup tables: the CPU default) and ``tables=False`` (closed forms
+    and compare chains: what the Pallas kernels run) both find the truly nearest code and
+    decode it to the codebook's value, on every decision boundary and its neighbours."""
+    from effjax.quant import _search
+
+    cb = np.asarray(CODEBOOKS[name], np.float32)
+    s = np.unique(cb).astype(np.float64)
+    mid = ((s[:-1] + s[1:]) / 2).astype(np.float32)
+    rng = np.random.default_rng(7)
+    y = np.concatenate([s.astype(np.float32), mid, np.nextafter(mid, -np.inf),
+                        np.nextafter(mid, np.inf), rng.uniform(-1, 1, 4096).astype(np.float32),
+                        np.float32([0.0, -0.0, 1e-30, -1e-30])])
+    if cb.min() >= 0:
+        y = np.abs(y)
+    vals = tuple(float(v) for v in cb)
+    sv = _search.sorted_values_of(vals)
+    dmin = _dists(y, cb)[0]
+    got = {}
+    for tables in (True, False):
+        idx = _search.nearest_sorted(jnp.asarray(y), sv, tables=tables)
+        codes = _search.to_codes(idx, vals, tables=tables)
+        v = np.asarray(_search.value_at(codes, vals, tables=tables), np.float64)
+        np.testing.assert_array_equal(v, cb[np.asarray(codes)])  # decode == the table
+        np.testing.assert_array_equal(np.abs(v - y), dmin)  # nearest
+        got[tables] = np.asarray(codes)
+    np.testing.assert_array_equal(got[True], got[False])
