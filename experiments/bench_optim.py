@@ -7,6 +7,9 @@ reference it also times the CPU peers on the same shapes: torch's fp32 AdamW, bi
 ``AdamW8bit`` (native CPU kernel) and torchao's ``AdamW8bit`` / ``AdamW4bit`` (torch.compile),
 each as a ratio to torch's AdamW. GaLore and Fira (rank: ``galore_rank``) are timed on steps
 without a projector refresh: their SVD runs once every 200 steps, here on the untimed first step.
+``adamw_8bit`` is the default path (on a single-device CPU: the chunked fused step for 8-bit
+leaves of 4M elements and more, the unfused step below that); ``adamw_8bit (unfused)`` forces
+the unfused jnp step (``use_kernel=False``) everywhere.
 
 Run:  python -m experiments.bench_optim            (full, ~10 min on 2 CPU cores)
       python -m experiments.bench_optim --quick    (tiny tree, seconds; run by the tests)
@@ -81,6 +84,7 @@ def optimizers(d_model=None):
     return {
         "optax.adamw": optax.adamw(lr),
         "adamw_8bit": optim.adamw_8bit(lr),
+        "adamw_8bit (unfused)": optim.adamw_8bit(lr, use_kernel=False),
         "adamw_4bit": optim.adamw_4bit(lr),
         "lion_8bit": optim.lion_8bit(lr),
         "sgd_8bit": optim.sgd_8bit(lr),

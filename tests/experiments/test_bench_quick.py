@@ -18,6 +18,9 @@ def test_bench_optim_quick(tmp_path):
     # The quick tree's leaves are small, so some stay float32; still far below 8 bytes.
     assert by_name["adamw_8bit"]["bytes_per_param"] < 2.2
     assert by_name["adamw_4bit"]["bytes_per_param"] < by_name["adamw_8bit"]["bytes_per_param"]
+    # the default and the unfused step keep the same state
+    assert (by_name["adamw_8bit (unfused)"]["bytes_per_param"]
+            == by_name["adamw_8bit"]["bytes_per_param"])
     assert all(r["step_ms"] > 0 for r in data["rows"])
     # projecting the attention kernels too (row_axes) leaves less full-size state
     assert (by_name["galore_adamw+einsum"]["bytes_per_param"]
