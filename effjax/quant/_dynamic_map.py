@@ -1,7 +1,7 @@
 """Gather-free, bit-exact decode and nearest-code search for the 8-bit dynamic maps.
 
-XLA on CPU runs a table lookup (a gather) about 20x slower than vectorized arithmetic, so the
-optimizer hot path decodes and encodes the dynamic map by its construction instead of a table:
+A Pallas kernel cannot capture a lookup table, so the kernels (and the jnp path on backends
+other than CPU, see ``_search``) decode and encode the dynamic map by its construction:
 
 * magnitude index ``p`` (0-based among the non-zero codes below 1) lies in decade
   ``i = floor(log2(p + 2**k)) - k`` at position ``j = p + 2**k - 2**(i + k)``, where ``k = 0``
