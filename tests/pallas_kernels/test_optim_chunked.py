@@ -17,6 +17,7 @@ import pytest
 from effjax import optim as O
 from effjax import quant as Q
 from pallas_kernels import optim_update as K
+from tests.pallas_kernels.test_optim_update import OPTIMIZERS, _quantized
 
 # Leaves chosen so that every branch of the chunked step runs with CHUNK_ELEMS = 2**16 and
 # block 256 (8-bit) / 128 (4-bit): at most CHUNK_ELEMS per chunk and at least two chunks.
@@ -51,25 +52,6 @@ def _run(opt, steps, state=None, params=PARAMS, start=0):
     for t in range(start, start + steps):
         u, state, params = step(params, state, _grads(t))
     return u, state, params
-
-
-def _quantized(tree):
-    return [x for x in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, Q.QuantizedArray))
-            if isinstance(x, Q.QuantizedArray)]
-
-
-OPTIMIZERS = {
-    "adamw_8bit": lambda uk: O.adamw_8bit(1e-2, weight_decay=0.1, use_kernel=uk,
-                                          mask=lambda p: {k: k != "e" for k in p},
-                                          min_quantized_size=1000),
-    "adam_8bit_nesterov": lambda uk: O.adam_8bit(1e-2, nesterov=True, use_kernel=uk,
-                                                 min_quantized_size=1000),
-    "adamw_4bit": lambda uk: O.adamw_4bit(optax.cosine_decay_schedule(1e-2, 10),
-                                          use_kernel=uk, min_quantized_size=1000),
-    "lion_8bit": lambda uk: O.lion_8bit(1e-3, use_kernel=uk, min_quantized_size=1000),
-    "sgd_8bit": lambda uk: O.sgd_8bit(0.1, nesterov=True, use_kernel=uk,
-                                      min_quantized_size=1000),
-}
 
 
 def _has(opt, primitive):
