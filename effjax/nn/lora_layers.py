@@ -46,6 +46,7 @@ References:
 from __future__ import annotations
 
 import contextlib
+import functools
 import string
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol, runtime_checkable
@@ -150,9 +151,54 @@ def _low_rank_term(x_spec: str, k_spec: str, o_spec: str, x: jax.Array, kernel: 
     needed = set(o_spec) | set(kb) | set(ko) | {r}
     t_spec = "".join(dict.fromkeys(c for c in x_spec + kb + ki + r if c in needed))
     ct = jnp.dtype(dtype) if dtype is not None else jnp.result_type(x, a, b)
-    t = jnp.einsum(f"{x_spec},{kb}{ki}{r}->{t_spec}", x.astype(ct), a.astype(ct),
-                   precision=precision)
-    return jnp.einsum(f"{t_spec},{kb}{r}{ko}->{o_spec}", t, b.astype(ct), precision=precision)
+    specs = (x_spec, kb + ki + r, t_spec, kb + r + ko, o_spec)
+    xc, ac, bc = x.astype(ct), a.astype(ct), b.astype(ct)
+    if set(x_spec) <= set(t_spec) | set(specs[1]):
+        return _low_rank(specs, precision, xc, ac, bc)
+    # an input letter summed away before the kernel (rare): plain autodiff
+    t = jnp.einsum(f"{x_spec},{specs[1]}->{t_spec}", xc, ac, precision=precision)
+    return jnp.einsum(f"{t_spec},{specs[3]}->{o_spec}", t, bc, precision=precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _low_rank(specs, precision, x, a, b):
+    """``einsum(einsum(x, a), b)`` with a backward pass whose einsums put the small operand
+    first (see :func:`_low_rank_bwd`)."""
+    return _low_rank_fwd(specs, precision, x, a, b)[0]
+
+
+def _low_rank_fwd(specs, precision, x, a, b):
+    x_spec, a_spec, t_spec, b_spec, o_spec = specs
+    t = jnp.einsum(f"{x_spec},{a_spec}->{t_spec}", x, a, precision=precision)
+    y = jnp.einsum(f"{t_spec},{b_spec}->{o_spec}", t, b, precision=precision)
+    return y, (x, a, b, t)
+
+
+def _low_rank_bwd(specs, precision, res, g):
+    """The chain rule written out: ``dt = g B^T``, ``dB = t^T g``, ``dA = x^T dt``,
+    ``dx = dt A^T`` (each an einsum over the same letters as the forward pass).
+
+    Operand order matters on XLA:CPU: the token axes are contracted with the small operand
+    (``t``, ``dt``) first so that XLA transposes it, not the big ``x`` or ``g``. A transposed
+    big operand is fused with whatever produced it (MiniLM's GELU) into a strided loop that
+    recomputes it: ~100 ms a layer for the 2048 x 1536 intermediate activations of
+    ``experiments/bench_peft.py``, about a quarter of the step."""
+    x_spec, a_spec, t_spec, b_spec, o_spec = specs
+    x, a, b, t = res
+    dt = jnp.einsum(f"{o_spec},{b_spec}->{t_spec}", g, b, precision=precision)
+    db = jnp.einsum(f"{t_spec},{o_spec}->{b_spec}", t, g, precision=precision)
+    # dA with the rank axis first, then transposed: asked for in A's order directly, XLA swaps
+    # the operands to avoid the (tiny) output transpose and transposes the big input instead
+    # (the barrier keeps it from folding the transpose back into the dot).
+    r_first = a_spec[-1] + a_spec[:-1]
+    da = jax.lax.optimization_barrier(
+        jnp.einsum(f"{t_spec},{x_spec}->{r_first}", dt, x, precision=precision))
+    da = jnp.einsum(f"{r_first}->{a_spec}", da)
+    dx = jnp.einsum(f"{t_spec},{a_spec}->{x_spec}", dt, a, precision=precision)
+    return dx.astype(x.dtype), da.astype(a.dtype), db.astype(b.dtype)
+
+
+_low_rank.defvjp(_low_rank_fwd, _low_rank_bwd)
 
 
 def _parse_einsum(subscripts: str, x_ndim: int, k_ndim: int) -> tuple[str, str, str]:
