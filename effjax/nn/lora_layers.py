@@ -17,6 +17,12 @@ gradients are then :math:`\\partial L/\\partial B = (xA)^\\top g` and
 except the frozen :math:`W` itself. Nodes without ``low_rank_factors`` (DoRA, ...) are
 materialized, so every adapter works; plain arrays run the ordinary layer.
 
+The low-rank term's backward pass is written out (a ``jax.custom_vjp``) so that every
+token-axis contraction transposes the small operand, not the activations (on XLA:CPU autodiff's
+operand order made the fast path slower than full fine-tuning on MiniLM). Consequence:
+reverse mode (``grad``, ``vjp``) works through the fast path, forward mode (``jvp``,
+``jacfwd``, ``hessian``) raises; use :func:`effjax.peft.materialize` for those.
+
 * :func:`adapted_einsum` / :func:`adapted_dot_general`: the functional core (any einsum or
   ``dot_general`` contraction of an input with a kernel that may be a node; the node's
   :class:`~effjax.peft.KernelLayout` says which kernel axes are batch / in / out, and any

@@ -540,3 +540,14 @@ def test_node_without_factors_is_materialized():
     g = jax.grad(lambda n: adapted_einsum("bi,io->bo", x, n).sum())(node)
     np.testing.assert_allclose(float(g.c), 2 * 4 * 3)
     assert dataclasses.is_dataclass(node)
+
+
+def test_forward_mode_is_refused_reverse_mode_works():
+    """Documented: the fast path's backward is a custom_vjp, so jvp raises (JAX's own error)
+    while grad works; materialize is the way to forward mode."""
+    node = _randomize(LoRA(rank=2).adapt(jax.random.key(0), jnp.ones((4, 3))))
+    x = jnp.ones((2, 4))
+    with pytest.raises(TypeError, match="forward-mode autodiff"):
+        jax.jvp(lambda x: adapted_einsum("ti,io->to", x, node), (x,), (x,))
+    _, tangent = jax.jvp(lambda x: jnp.einsum("ti,io->to", x, node.materialize()), (x,), (x,))
+    assert tangent.shape == (2, 3)
