@@ -2,7 +2,8 @@
 
 For transformer-shaped parameter trees of about 1M, 10M and 50M parameters this prints, per
 optimizer: state bytes per parameter and the jitted step time (update + apply, params and state
-donated, as in a training loop) as a ratio to ``optax.adamw`` measured in the same run. For
+donated, as in a training loop; median of ``--reps`` steps, the optimizers stepping in turn so
+that load drift hits them alike) as a ratio to ``optax.adamw`` measured in the same run. For
 reference it also times the CPU peers on the same shapes: torch's fp32 AdamW, bitsandbytes'
 ``AdamW8bit`` (native CPU kernel) and torchao's ``AdamW8bit`` / ``AdamW4bit`` (torch.compile),
 each as a ratio to torch's AdamW. GaLore and Fira (rank: ``galore_rank``) are timed on steps
@@ -98,7 +99,9 @@ def optimizers(d_model=None):
     }
 
 
-def time_jax(opt, params, grads, reps):
+def jax_stepper(opt, params, grads):
+    """A compiled step of ``opt`` (params and state donated) and its state bytes: returns
+    ``(one_step, nbytes)``, ``one_step()`` running one synchronised step and returning seconds."""
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def step(p, s, g):
         u, s = opt.update(g, s, p)
@@ -107,15 +110,28 @@ def time_jax(opt, params, grads, reps):
     p = jax.tree.map(jnp.copy, params)
     s = opt.init(p)
     nbytes = optim.state_bytes(s)
-    p, s = step(p, s, grads)  # compile + first step
-    jax.block_until_ready((p, s))
-    times = []
-    for _ in range(reps):
+    state = list(step(p, s, grads))  # compile + first step
+    jax.block_until_ready(state)
+
+    def one_step():
         t0 = time.perf_counter()
-        p, s = step(p, s, grads)
-        jax.block_until_ready((p, s))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times)), nbytes
+        state[:] = step(*state, grads)
+        jax.block_until_ready(state)
+        return time.perf_counter() - t0
+
+    return one_step, nbytes
+
+
+def time_interleaved(opts, params, grads, reps):
+    """Median step seconds and state bytes of every optimizer in ``opts``; the optimizers
+    step in turn (one step each, ``reps`` rounds) so that load drift on a shared machine hits
+    them alike."""
+    steppers = {name: jax_stepper(opt, params, grads) for name, opt in opts.items()}
+    times = {name: [] for name in opts}
+    for _ in range(reps):
+        for name, (one_step, _) in steppers.items():
+            times[name].append(one_step())
+    return {name: (float(np.median(times[name])), steppers[name][1]) for name in opts}
 
 
 def time_torch(params, grads, reps):
@@ -166,10 +182,9 @@ def run(sizes, reps, peers=True):
         params = transformer_tree(vocab, d, layers, heads)
         n = sum(x.size for x in jax.tree.leaves(params))
         grads = jax.tree.map(lambda x: x * 0.01 + 1e-4, params)
-        base = None
-        for name, opt in optimizers(d).items():
-            secs, nbytes = time_jax(opt, params, grads, reps)
-            base = secs if name == "optax.adamw" else base
+        timed = time_interleaved(optimizers(d), params, grads, reps)
+        base = timed["optax.adamw"][0]
+        for name, (secs, nbytes) in timed.items():
             rows.append(dict(size=str(size), params=n, optimizer=name, kind="jax",
                              bytes_per_param=nbytes / n, step_ms=secs * 1e3,
                              ratio=secs / base))
@@ -235,7 +250,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny tree, 2 repetitions")
     ap.add_argument("--sizes", default="1M,10M,50M")
-    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--out", default=RESULTS)
     args = ap.parse_args(argv)
