@@ -43,8 +43,12 @@ def fashion_mnist_arrays(split: str, limit: int | None = None) -> dict[str, np.n
     return arrays
 
 
+@functools.lru_cache(maxsize=16)
 def train_step(graph, loss_fn: Callable, opt: optax.GradientTransformation):
-    """``step(params, opt_state, batch) -> (params, opt_state, loss)``, jitted and donating."""
+    """``step(params, opt_state, batch) -> (params, opt_state, loss)``, jitted and donating.
+
+    One per (graph, loss, optimizer object): runs that pass the same three (e.g. the seeds of
+    one optimizer in ``optim_parity``) reuse the compiled step instead of compiling it again."""
 
     def step(params, opt_state, batch):
         loss, grads = jax.value_and_grad(lambda p: loss_fn(nnx.merge(graph, p), batch))(params)

@@ -76,13 +76,16 @@ def lm_task(args):
     cfg = CharTransformerConfig(vocab_size=len(vocab), seq_len=args.lm_seq_len,
                                 width=args.lm_width, depth=args.lm_depth, heads=4 if
                                 args.lm_width % 4 == 0 else 1)
+    # one optimizer object per name, shared by the seeds (the same schedule): with the seeds'
+    # equal graphs, _train.run compiles each optimizer's step once
+    opts = {name: optax.chain(optax.clip_by_global_norm(1.0),
+                              make(schedule(args.lm_lr, args.lm_steps)))
+            for name, make in OPTIMIZERS.items()}
     results = []
     for seed in args.seeds:
         graph, params0 = nnx.split(CharTransformer(cfg, rngs=nnx.Rngs(seed)), nnx.Param)
         eval_fn = lambda p, graph=graph: _train.evaluate(graph, p, next_token_loss, val, 64)
-        for name, make in OPTIMIZERS.items():
-            opt = optax.chain(optax.clip_by_global_norm(1.0),
-                              make(schedule(args.lm_lr, args.lm_steps)))
+        for name, opt in opts.items():
             data = (b["tokens"] for b in batches({"tokens": train}, args.lm_batch, seed=seed,
                                                  epochs=None))
             r = _train.run(f"lm s{seed} {name}", opt, graph, params0, next_token_loss, data,
@@ -114,13 +117,13 @@ def cnn_task(args):
     if args.quick:
         train = {k: v[:256] for k, v in train.items()}
     steps = max(1, int(args.cnn_epochs * len(train["label"]) / args.cnn_batch))
+    opts = {name: make(schedule(args.cnn_lr, steps)) for name, make in OPTIMIZERS.items()}
     results = []
     for seed in args.seeds:
         model = CNN(num_classes=10, rngs=nnx.Rngs(seed))
         graph, params0 = nnx.split(model, nnx.Param)
         eval_fn = lambda p, graph=graph: _train.evaluate(graph, p, _xent, val, 500)
-        for name, make in OPTIMIZERS.items():
-            opt = make(schedule(args.cnn_lr, steps))
+        for name, opt in opts.items():
             data = batches(train, args.cnn_batch, seed=seed, epochs=None)
             r = _train.run(f"cnn s{seed} {name}", opt, graph, params0, _xent, data, steps,
                            eval_fn, max(1, steps // 4), progress=not args.no_progress)
