@@ -179,9 +179,9 @@ def parse(argv=None):
     if args.lm_gpu:
         args.lm_steps, args.lm_batch, args.lm_seq, args.lm_eval_windows = 1000, 16, 256, 256
     if args.quick:
-        args.train_lines, args.eval_lines, args.steps, args.batch = 48, 48, 4, 8
+        args.train_lines, args.eval_lines, args.steps, args.batch = 48, 24, 4, 8
         args.calib_batches = 1
-        args.lm_steps, args.lm_batch, args.lm_seq, args.lm_eval_windows = 10, 2, 64, 8
+        args.lm_steps, args.lm_batch, args.lm_seq, args.lm_eval_windows = 5, 2, 32, 8
         args.lm_lr = 1e-3
     return args
 
@@ -362,8 +362,8 @@ def train_classifier(name: str, method: Method, graph, base: dict, train: dict, 
         times.append(time.perf_counter() - t0)
     dense = materialize(combine(trainable, frozen))  # same structure for every method
     predict = _predictor(graph)  # so the evaluation compiles once for all of them
-    acc = {k: float(np.mean(_predict_all(predict, dense, d, 64) == d["label"]))
-           for k, d in evals.items()}
+    acc = {k: float(np.mean(_predict_all(predict, dense, d, min(64, len(d["label"])))
+                            == d["label"])) for k, d in evals.items()}
     tail = max(1, args.steps // 10)
     return {"method": name, "family": method.family, "lr": method.lr, "head_lr": HEAD_LR,
             "trainable": info.trainable, "total": info.total,

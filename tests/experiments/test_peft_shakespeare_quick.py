@@ -86,9 +86,9 @@ def test_peft_shakespeare_quick(tmp_path):
     assert np.isfinite(b["ppl_before"]) and np.isfinite(b["ppl_after"])
     # the instruct model already knows English: well below the 49,152-token vocabulary
     assert 1.0 < b["ppl_before"] < 1000.0
-    # 10 steps on training plays lower the perplexity of held-out plays (script format)
+    # 5 steps on training plays lower the perplexity of held-out plays (script format)
     assert b["ppl_after"] < b["ppl_before"]
-    assert len(b["train_losses"]) == 10 and all(np.isfinite(b["train_losses"]))
+    assert len(b["train_losses"]) == 5 and all(np.isfinite(b["train_losses"]))
 
 
 def test_balanced_lines_and_tokenize():
