@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
 
 from effjax.quant import (  # the reference's own search (bit-exactness)
     QuantizedArray,
@@ -60,7 +61,8 @@ __all__ = [
 ]
 
 _FLOATS = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-_TILE_ELEMS = 4096  # elements per program on GPU/TPU
+_TILE_ELEMS = 2048  # elements per program on GPU/TPU (H100 sweep, bench_kernels --sweep)
+NUM_WARPS = 4  # Triton warps per program on a GPU
 _TILE_ELEMS_INTERPRET = 1 << 16  # interpret mode runs the grid as a serial loop: fewer steps
 
 
@@ -139,49 +141,189 @@ def make_layout(shape, block_size: int, bits: int, *, interpret: bool,
 # Functions of in-kernel values (jnp arrays of one tile); also usable on whole arrays.
 
 class Codebook(NamedTuple):
-    """A codebook's static description plus the tables a kernel needs as inputs (if any)."""
+    """A codebook's static description plus the tables a kernel reads (if any)."""
 
     values: tuple[float, ...]
     bits: int
-    tables: tuple[np.ndarray, ...]  # () for the gather-free codebooks
+    tables: tuple[np.ndarray, ...]  # () for the closed forms; else lookup_tables(values)
+    bucket: tuple[int, ...] = ()  # (shift, q0, buckets, half, nan_code) with tables
 
 
-def make_codebook(values) -> Codebook:
+def lookup_tables(values) -> tuple[tuple[np.ndarray, ...], tuple[int, ...]]:
+    """Tables for a gather-based search and decode, and their static parameters.
+
+    The search is effjax.quant's bucket table (``effjax.quant._search``): the top mantissa
+    bits and the exponent of ``|y|`` (and its sign) pick a bucket holding at most one decision
+    threshold ``T`` of the sorted codebook, so the nearest code is ``lo`` if ``y < T`` else
+    ``hi``, the codes on either side of that threshold. Three tables, each a power of two
+    long (Triton's shapes; a ref indexed by an array becomes a gather load from the L1-cached
+    table):
+
+    * ``values``: the codebook in its own order (decode: ``values[code]``);
+    * ``thresholds[bucket]``: the threshold inside the bucket (``+inf`` if none);
+    * ``codes[bucket]``: ``lo | hi << 8``.
+
+    Two independent loads per element (no dependent chain as in a binary search). NaN gets the
+    code of the smallest value, as in the reference.
+    """
+    vals = np.asarray(values, np.float32).reshape(-1)
+    n = vals.size
+    key = tuple(float(v) for v in vals)
+    order = _search._order(key)
+    sorted_vals = key if order is None else order[0]
+    order_idx = np.arange(n) if order is None else np.asarray(order[1])
+    table = _search._bucket_table(sorted_vals)
+    half = _pow2_ceil(table.buckets)
+    thresholds = np.full(2 * half, np.inf, np.float32)
+    codes = np.zeros(2 * half, np.int32)
+    for side in range(2):
+        rows = table.rows[side * table.buckets:(side + 1) * table.buckets]
+        count = rows[:, 0].astype(np.int64)
+        lo = order_idx[np.clip(count, 0, n - 1)]
+        hi = order_idx[np.clip(count + 1, 0, n - 1)]
+        thresholds[side * half: side * half + table.buckets] = rows[:, 1]
+        codes[side * half: side * half + table.buckets] = lo | (hi << 8)
+    out_vals = np.zeros(_pow2_ceil(n), np.float32)
+    out_vals[:n] = vals
+    bucket = (table.shift, table.q0, table.buckets, half, int(order_idx[0]))
+    return (out_vals, thresholds, codes), bucket
+
+
+def _pow2_ceil(n: int) -> int:
+    return 1 << max(1, (int(n) - 1).bit_length())
+
+
+def make_codebook(values, *, lookup: bool = False) -> Codebook:
+    """``lookup=False``: the closed forms where the codebook has one (8-bit dynamic maps,
+    16-value codebooks), else lookup tables; ``lookup=True``: lookup tables always."""
     values = tuple(float(v) for v in np.asarray(values, np.float32).reshape(-1))
     bits = 4 if len(values) <= 16 else 8
-    if len(values) <= 16 or _dynamic_map.kind_of(_search.sorted_values_of(values)) is not None:
+    closed = len(values) <= 16 or _dynamic_map.kind_of(_search.sorted_values_of(values)) \
+        is not None
+    if closed and not lookup:
         return Codebook(values, bits, ())
-    sorted_values = _search.sorted_values_of(values)
-    table = _search._bucket_table(sorted_values)
-    order = _search._order(values)
-    order_idx = np.arange(len(values), dtype=np.int32) if order is None else np.asarray(
-        order[1], np.int32)
-    return Codebook(values, bits, (table.rows, np.asarray(values, np.float32), order_idx))
+    tables, bucket = lookup_tables(values)
+    return Codebook(values, bits, tables, bucket)
+
+
+def resolve_lookup(lookup: bool | None, interp: bool) -> bool:
+    """``None`` -> lookup tables in compiled kernels (GPU), closed forms in interpret mode.
+
+    Measured on an H100 (``experiments/bench_kernels.py``): the closed-form search and decode
+    keep too many values live per element for Triton's registers; the table search is a few
+    cached loads per element."""
+    return (not interp) if lookup is None else bool(lookup)
 
 
 def _nearest_codes(y, cb: Codebook, tables):
-    """Codes (int32, the codebook's own order) of the values nearest to float32 ``y``."""
-    sorted_values = _search.sorted_values_of(cb.values)
+    """Codes (int32, the codebook's own order) of the values nearest to float32 ``y``;
+    ``tables``: the refs of :func:`lookup_tables` (when ``cb.tables``)."""
     if not cb.tables:
         # tables=False: a kernel cannot capture a lookup-table constant.
+        sorted_values = _search.sorted_values_of(cb.values)
         idx = _search.nearest_sorted(y, sorted_values, tables=False)
         return _search.to_codes(idx, cb.values, tables=False)
-    rows, _, order_idx = tables
-    table = _search._bucket_table(sorted_values)
+    _, thresholds, codes = tables
+    shift, q0, buckets, half, nan_code = cb.bucket
     bits = jax.lax.bitcast_convert_type(y, jnp.int32)
     mag = jnp.bitwise_and(bits, 0x7FFFFFFF)
-    q = jnp.clip(jnp.right_shift(mag, table.shift) - table.q0, 0, table.buckets - 1)
-    q = q + jnp.where(bits < 0, table.buckets, 0)
-    row = rows.at[q].get(mode="promise_in_bounds")
-    idx = row[..., 0].astype(jnp.int32) + (y >= row[..., 1]).astype(jnp.int32)
-    return order_idx.at[idx].get(mode="promise_in_bounds")
+    q = jnp.clip(jnp.right_shift(mag, shift) - q0, 0, buckets - 1)
+    q = q + jnp.where(bits < 0, half, 0)
+    pair = codes[q]
+    code = jnp.where(y >= thresholds[q], jnp.right_shift(pair, 8), jnp.bitwise_and(pair, 255))
+    return jnp.where(jnp.isnan(y), nan_code, code)
 
 
 def _code_values(codes, cb: Codebook, tables):
     """``codebook[codes]`` as float32."""
     if not cb.tables:
         return _search.value_at(codes, cb.values, tables=False)
-    return tables[1].at[codes.astype(jnp.int32)].get(mode="promise_in_bounds")
+    return tables[0][codes.astype(jnp.int32)]
+
+
+class TileMasks(NamedTuple):
+    """In-bounds masks of the current program's value, code and absmax tiles (None where the
+    tiles divide the array). A compiled Triton kernel reads and writes a whole tile, past the
+    array's end too; the loads and stores are masked with these."""
+
+    value: jax.Array | None
+    code: jax.Array | None
+    scale: jax.Array | None
+
+
+#: Interpret mode pads partial tiles itself, so the kernels skip the masks there (a masked
+#: load also changes how XLA:CPU fuses the interpreted body, and with it which multiply-adds
+#: it contracts); the tests set this to run the masked loads and stores in interpret mode.
+MASK_IN_INTERPRET = False
+
+
+def tile_masks(lay: Layout, interp: bool) -> TileMasks:
+    """The masks of program ``(program_id(0), program_id(1))``; call inside a kernel."""
+    r = lay.tile_rows
+    if interp and not MASK_IN_INTERPRET:
+        return TileMasks(None, None, None)
+    rows_ok = lay.rows % r == 0
+
+    def mask(width, total):
+        if rows_ok and total % width == 0:
+            return None
+        row = pl.program_id(0) * r + jax.lax.broadcasted_iota(jnp.int32, (r, width), 0)
+        col = pl.program_id(1) * width + jax.lax.broadcasted_iota(jnp.int32, (r, width), 1)
+        return (row < lay.rows) & (col < total)
+
+    return TileMasks(mask(lay.tile_cols, lay.length), mask(lay.code_tile_cols, lay.code_cols),
+                     mask(lay.tile_blocks, lay.nblocks))
+
+
+def load(ref, mask):
+    """``ref[...]``, elements outside ``mask`` read as 0 (not read at all on a GPU)."""
+    if mask is None:
+        return ref[...]
+    return pltriton.load(ref, mask=mask, other=0)
+
+
+def store(ref, value, mask):
+    """``ref[...] = value`` where ``mask`` holds."""
+    if mask is None:
+        ref[...] = value
+    else:
+        pltriton.store(ref, value, mask=mask)
+
+
+def uses_gpu_asm(interp: bool) -> bool:
+    """Whether a kernel body is compiled for an NVIDIA GPU (Triton), where the kernels divide
+    with :func:`exact_div`'s inline PTX; in interpret mode they divide as XLA does."""
+    return not interp and jax.default_backend() == "gpu"
+
+
+def exact_div(x, y, *, gpu_asm: bool):
+    """``x / y`` rounded as XLA rounds it (IEEE round-to-nearest), in the promoted dtype.
+
+    Triton lowers a float32 ``/`` to PTX ``div.full.f32``, an approximation within 2 ulp,
+    where XLA:GPU emits the correctly rounded ``div.rn.f32``; a quotient one ulp off moves a
+    scaled moment across a code midpoint now and then, and the kernel would no longer match the
+    jnp path. On a GPU (``gpu_asm``) the kernels therefore divide with inline ``div.rn.f32``;
+    16-bit operands are divided in float32 and rounded back, as XLA:GPU does.
+    """
+    dt = jnp.result_type(x, y)
+    if not gpu_asm:
+        return jnp.divide(x, y)
+    shape = jnp.broadcast_shapes(jnp.shape(x), jnp.shape(y))
+    xf = jnp.broadcast_to(jnp.asarray(x, dt).astype(jnp.float32), shape)
+    yf = jnp.broadcast_to(jnp.asarray(y, dt).astype(jnp.float32), shape)
+    (q,) = pltriton.elementwise_inline_asm(
+        "div.rn.f32 $0, $1, $2;", args=[xf, yf], constraints="=r,r,r", pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(shape, jnp.float32)])
+    return q.astype(dt)
+
+
+def compiler_params(interp: bool):
+    """Explicit Triton parameters on a GPU: JAX 0.11 lowers a ``pallas_call`` with Triton by
+    default, JAX 0.10 with Mosaic GPU, whose ``pallas_call`` path JAX has deprecated and which
+    does not take these kernels' tiles (see ``pallas_kernels/README.md``)."""
+    if interp or jax.default_backend() != "gpu":
+        return None
+    return pltriton.CompilerParams(num_warps=NUM_WARPS)
 
 
 def valid_columns(shape2d, col0, length):
@@ -190,7 +332,7 @@ def valid_columns(shape2d, col0, length):
     return col < length
 
 
-def quantize_tile(x, valid, lay: Layout, cb: Codebook, tables):
+def quantize_tile(x, valid, lay: Layout, cb: Codebook, tables, *, gpu_asm: bool = False):
     """Quantize a float32 ``(R, C*bs)`` tile: returns ``(codes uint8, absmax (R, C) float32)``.
 
     The expressions are the reference's (effjax.quant.quantize_blockwise), so the codes and
@@ -201,13 +343,15 @@ def quantize_tile(x, valid, lay: Layout, cb: Codebook, tables):
     absmax = jnp.max(jnp.abs(xb), axis=-1)
     absmax = jnp.where(jnp.isfinite(absmax), absmax, jnp.nan)
     pre = jnp.where(absmax >= 2.0**125, np.float32(2.0**-4), np.float32(1.0))
-    inv = jnp.where(absmax > 0, 1.0 / (absmax * pre), 0.0)
+    inv = jnp.where(absmax > 0, exact_div(1.0, absmax * pre, gpu_asm=gpu_asm), 0.0)
     y = (xb * pre[..., None]) * inv[..., None]
     codes = _nearest_codes(y, cb, tables).reshape(x.shape)
     if lay.bits == 4 and lay.pack_in_kernel:
         codes = jnp.where(valid, codes, 0)
         pairs = codes.reshape(r, -1, 2)
-        codes = jnp.left_shift(pairs[..., 0], 4) | pairs[..., 1]
+        # (hi << 4) | lo as a sum over the pair axis: Triton lowers no slices.
+        shift = 4 - 4 * jax.lax.broadcasted_iota(jnp.int32, pairs.shape, 2)
+        codes = jnp.sum(jnp.left_shift(pairs, shift), axis=-1)
     return codes.astype(jnp.uint8), absmax
 
 
@@ -285,7 +429,8 @@ def _check_x(x, block_size):
 
 
 def quantize_blockwise(x, *, codebook, block_size: int = 256, interpret: bool | None = None,
-                       tile_elems: int | None = None) -> QuantizedArray:
+                       tile_elems: int | None = None, lookup: bool | None = None
+                       ) -> QuantizedArray:
     """Pallas block-wise quantization; same result as :func:`effjax.quant.quantize_blockwise`.
 
     ``absmax_b = max_{i in b} |x_i|``; ``codes_i = argmin_c |codebook[c] - x_i * (1/absmax_b)|``
@@ -297,6 +442,8 @@ def quantize_blockwise(x, *, codebook, block_size: int = 256, interpret: bool | 
       block_size: elements per block.
       interpret: run the kernel in interpret mode; ``None``: on CPU only.
       tile_elems: elements a program handles (default 4096, 65536 in interpret mode).
+      lookup: search with lookup tables (:func:`lookup_tables`) rather than the closed forms;
+        ``None``: tables when compiled (GPU), closed forms in interpret mode. Same codes.
 
     Example:
       >>> import jax.numpy as jnp
@@ -310,20 +457,21 @@ def quantize_blockwise(x, *, codebook, block_size: int = 256, interpret: bool | 
     """
     x = jnp.asarray(x)
     _check_x(x, block_size)
-    cb = make_codebook(codebook)
     interp = resolve_interpret(interpret)
+    cb = make_codebook(codebook, lookup=resolve_lookup(lookup, interp))
     lay = make_layout(x.shape, int(block_size), cb.bits, interpret=interp, tile_elems=tile_elems)
     value_spec, code_spec, scale_spec = specs(lay)
 
     def kernel(x_ref, *refs):
-        tables = tuple(t[...] for t in refs[: len(cb.tables)])
+        tables = refs[: len(cb.tables)]
         codes_ref, absmax_ref = refs[len(cb.tables):]
+        masks = tile_masks(lay, interp)
         col0 = pl.program_id(1) * lay.tile_cols
-        xt = x_ref[...].astype(jnp.float32)
+        xt = load(x_ref, masks.value).astype(jnp.float32)
         codes, absmax = quantize_tile(xt, valid_columns(xt.shape, col0, lay.length), lay, cb,
-                                      tables)
-        codes_ref[...] = codes
-        absmax_ref[...] = absmax
+                                      tables, gpu_asm=uses_gpu_asm(interp))
+        store(codes_ref, codes, masks.code)
+        store(absmax_ref, absmax, masks.scale)
 
     codes, absmax = pl.pallas_call(
         kernel,
@@ -333,6 +481,7 @@ def quantize_blockwise(x, *, codebook, block_size: int = 256, interpret: bool | 
         in_specs=[value_spec] + [table_spec(t) for t in cb.tables],
         out_specs=(code_spec, scale_spec),
         interpret=interp,
+        compiler_params=compiler_params(interp),
         name="quantize_blockwise",
     )(x.reshape(lay.rows, lay.length), *[jnp.asarray(t) for t in cb.tables])
     return QuantizedArray(codes=codes_from_2d(codes, lay),
@@ -343,18 +492,20 @@ def quantize_blockwise(x, *, codebook, block_size: int = 256, interpret: bool | 
 
 # ----------------------------------------------------------------------------- dequantize
 
-def _dequantize_fwd_impl(codes, absmax, q: QuantizedArray, interp: bool, tile_elems):
-    cb = make_codebook(q.codebook)
+def _dequantize_fwd_impl(codes, absmax, q: QuantizedArray, interp: bool, tile_elems, lookup):
+    cb = make_codebook(q.codebook, lookup=resolve_lookup(lookup, interp))
     lay = make_layout(q.shape, q.block_size, q.bits, interpret=interp, tile_elems=tile_elems)
     value_spec, code_spec, scale_spec = specs(lay)
     qq = QuantizedArray(codes=codes, absmax=absmax, shape=q.shape, dtype=q.dtype,
                         block_size=q.block_size, codebook=q.codebook, bits=q.bits)
 
     def kernel(codes_ref, absmax_ref, *refs):
-        tables = tuple(t[...] for t in refs[: len(cb.tables)])
+        tables = refs[: len(cb.tables)]
         (out_ref,) = refs[len(cb.tables):]
-        out_ref[...] = dequantize_tile(codes_ref[...], absmax_ref[...], lay, cb, tables,
-                                       q.dtype)
+        masks = tile_masks(lay, interp)
+        out = dequantize_tile(load(codes_ref, masks.code), load(absmax_ref, masks.scale), lay,
+                              cb, tables, q.dtype)
+        store(out_ref, out, masks.value)
 
     out = pl.pallas_call(
         kernel,
@@ -363,16 +514,17 @@ def _dequantize_fwd_impl(codes, absmax, q: QuantizedArray, interp: bool, tile_el
         in_specs=[code_spec, scale_spec] + [table_spec(t) for t in cb.tables],
         out_specs=value_spec,
         interpret=interp,
+        compiler_params=compiler_params(interp),
         name="dequantize_blockwise",
     )(codes_2d(qq, lay), absmax.reshape(lay.rows, lay.nblocks),
       *[jnp.asarray(t) for t in cb.tables])
     return out.reshape(q.shape)
 
 
-def _make_dequantize(q: QuantizedArray, interp: bool, tile_elems):
+def _make_dequantize(q: QuantizedArray, interp: bool, tile_elems, lookup):
     @jax.custom_vjp
     def deq(codes, absmax):
-        return _dequantize_fwd_impl(codes, absmax, q, interp, tile_elems)
+        return _dequantize_fwd_impl(codes, absmax, q, interp, tile_elems, lookup)
 
     def fwd(codes, absmax):
         return deq(codes, absmax), (codes, absmax)
@@ -394,7 +546,8 @@ def _make_dequantize(q: QuantizedArray, interp: bool, tile_elems):
 
 
 def dequantize_blockwise(q: QuantizedArray, *, interpret: bool | None = None,
-                         tile_elems: int | None = None) -> jax.Array:
+                         tile_elems: int | None = None, lookup: bool | None = None
+                         ) -> jax.Array:
     """Pallas block-wise dequantization: ``codebook[codes] * absmax`` in ``q.dtype``; equal to
     :func:`effjax.quant.dequantize_blockwise` bit for bit. Differentiable w.r.t. ``q.absmax``
     (``jax.custom_vjp``; codes are integers and get no gradient).
@@ -410,4 +563,4 @@ def dequantize_blockwise(q: QuantizedArray, *, interpret: bool | None = None,
     if not isinstance(q, QuantizedArray):
         raise TypeError(f"dequantize_blockwise needs a QuantizedArray, got {type(q).__name__}")
     interp = resolve_interpret(interpret)
-    return _make_dequantize(q, interp, tile_elems)(q.codes, q.absmax)
+    return _make_dequantize(q, interp, tile_elems, lookup)(q.codes, q.absmax)

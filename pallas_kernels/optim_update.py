@@ -64,6 +64,7 @@ from pallas_kernels import blockwise as bw
 __all__ = [
     "adam_rule", "lion_rule", "sgd_rule", "fused_update", "fused_update_reference",
     "fused_update_chunked", "chunk_pays", "fused_lowbit", "kernel_available", "select_path",
+    "apply_step_of",
     "FusedSpec",
 ]
 
@@ -83,18 +84,22 @@ def _tail(u, p, s):
 
 
 def adam_rule(g, p, moments, s):
-    """``optax.scale_by_adam`` (+ decayed weights, learning rate) on one block of elements."""
+    """``optax.scale_by_adam`` (+ decayed weights, learning rate) on one block of elements.
+
+    Divisions go through ``s["div"]`` when given (the kernel's correctly rounded GPU division,
+    :func:`pallas_kernels.blockwise.exact_div`), else ``/``."""
+    div = s.get("div", jnp.divide)
     mu_old, nu_old = moments
     b1, b2 = s["b1"], s["b2"]
     mu = (1 - b1) * (g**1) + b1 * mu_old
     nu = (1 - b2) * (g**2) + b2 * nu_old
     if "bc1_next" in s:  # nesterov
-        mu_hat = b1 * (mu / s["bc1_next"].astype(mu.dtype)) + (1 - b1) * (
-            g / s["bc1"].astype(g.dtype))
+        mu_hat = b1 * div(mu, s["bc1_next"].astype(mu.dtype)) + (1 - b1) * (
+            div(g, s["bc1"].astype(g.dtype)))
     else:
-        mu_hat = mu / s["bc1"].astype(mu.dtype)
-    nu_hat = nu / s["bc2"].astype(nu.dtype)
-    u = mu_hat / (jnp.sqrt(nu_hat + s["eps_root"]) + s["eps"])
+        mu_hat = div(mu, s["bc1"].astype(mu.dtype))
+    nu_hat = div(nu, s["bc2"].astype(nu.dtype))
+    u = div(mu_hat, jnp.sqrt(nu_hat + s["eps_root"]) + s["eps"])
     return _tail(u, p, s), (mu, nu.astype(nu_old.dtype))
 
 
@@ -286,7 +291,8 @@ def fused_update_chunked(rule, g, p, moments, scalars, *, chunk_elems: int | Non
 
 
 def fused_update(rule, g, p, moments, scalars, *, interpret: bool | None = None,
-                 tile_elems: int | None = None, name: str = "<leaf>"):
+                 tile_elems: int | None = None, lookup: bool | None = None,
+                 apply: bool = False, name: str = "<leaf>"):
     """One fused low-bit step of one leaf: ``(update, new moments)``; see the module docstring.
 
     Args:
@@ -295,6 +301,11 @@ def fused_update(rule, g, p, moments, scalars, *, interpret: bool | None = None,
       moments: the rule's moments as QuantizedArrays of g's shape (same block size and bits).
       scalars: dict of hyper-parameters (Python numbers are baked in; arrays are inputs).
       interpret: interpret mode; ``None``: on CPU.
+      lookup: codebook search and decode by lookup tables
+        (:func:`pallas_kernels.blockwise.lookup_tables`); ``None``: when compiled (GPU).
+      apply: return the new parameter ``(p + update).astype(p.dtype)`` (``optax.apply_updates``)
+        instead of the update: the kernel writes it over ``p`` (aliased), so a step moves 16
+        bytes per float32 parameter instead of 16 + 12 for a separate ``apply_updates``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -311,11 +322,14 @@ def fused_update(rule, g, p, moments, scalars, *, interpret: bool | None = None,
     """
     g = jnp.asarray(g)
     _check_leaf(g, p, moments, name)
+    if apply and p is None:
+        raise ValueError(f"{name}: apply=True needs the parameter")
     q0 = moments[0]
     interp = bw.resolve_interpret(interpret)
     lay = bw.make_layout(g.shape, q0.block_size, q0.bits, interpret=interp,
                          tile_elems=tile_elems)
-    cbs = [bw.make_codebook(q.codebook) for q in moments]
+    cbs = [bw.make_codebook(q.codebook, lookup=bw.resolve_lookup(lookup, interp))
+           for q in moments]
     static, dyn_names, dyn_values, dyn_dtypes = _split_scalars(scalars)
 
     # Output dtypes: exactly those of the reference's rule.
@@ -332,46 +346,59 @@ def fused_update(rule, g, p, moments, scalars, *, interpret: bool | None = None,
     n_tables = [len(cb.tables) for cb in cbs]
     has_p = p is not None
     n_dyn = len(dyn_names)
+    gpu_asm = bw.uses_gpu_asm(interp)
 
     def kernel(*refs):
         it = iter(refs)
-        g_t = next(it)[...]
-        p_t = next(it)[...] if has_p else None
+        masks = bw.tile_masks(lay, interp)
+        g_t = bw.load(next(it), masks.value)
+        p_t = bw.load(next(it), masks.value) if has_p else None
         s_ref = next(it) if n_dyn else None
         loaded = []
         for nt in n_tables:
-            codes_t, absmax_t = next(it)[...], next(it)[...]
-            tables = tuple(next(it)[...] for _ in range(nt))
+            codes_t, absmax_t = bw.load(next(it), masks.code), bw.load(next(it), masks.scale)
+            tables = tuple(next(it) for _ in range(nt))
             loaded.append((codes_t, absmax_t, tables))
         u_ref = next(it)
         out_refs = [(next(it), next(it)) for _ in moments]
         valid = bw.valid_columns(g_t.shape, pl.program_id(1) * lay.tile_cols, lay.length)
         floats = tuple(bw.dequantize_tile(c, a, lay, cb, t, q.dtype)
                        for (c, a, t), cb, q in zip(loaded, cbs, moments))
-        sc = dict(static)
+        sc = dict(static, div=functools.partial(bw.exact_div, gpu_asm=gpu_asm))
         for k, (nm, dt) in enumerate(zip(dyn_names, dyn_dtypes)):
             sc[nm] = s_ref[0, k].astype(dt)
         u, new = rule(g_t, p_t, floats, sc)
-        u_ref[...] = jnp.where(jnp.isfinite(g_t), u, jnp.zeros_like(u)).astype(u_aval.dtype)
+        u = jnp.where(jnp.isfinite(g_t), u, jnp.zeros_like(u)).astype(u_aval.dtype)
+        if apply:  # optax.apply_updates' expression
+            u = jnp.asarray(p_t + u).astype(p_t.dtype)
+        bw.store(u_ref, u, masks.value)
         for m, (_, _, tables), cb, (c_ref, a_ref) in zip(new, loaded, cbs, out_refs):
             codes, absmax = bw.quantize_tile(_finite(m).astype(jnp.float32), valid, lay, cb,
-                                             tables)
-            c_ref[...] = codes
-            a_ref[...] = absmax
+                                             tables, gpu_asm=gpu_asm)
+            bw.store(c_ref, codes, masks.code)
+            bw.store(a_ref, absmax, masks.scale)
 
     inputs, in_specs = [g.reshape(lay.rows, lay.length)], [value_spec]
     if has_p:
         inputs.append(jnp.asarray(p).reshape(lay.rows, lay.length))
         in_specs.append(value_spec)
     if n_dyn:
-        inputs.append(jnp.stack([v.astype(jnp.float32) for v in dyn_values]).reshape(1, n_dyn))
-        in_specs.append(pl.BlockSpec((1, n_dyn), lambda i, j: (0, 0)))
-    for q, cb in zip(moments, cbs):
+        width = 1 << (n_dyn - 1).bit_length()  # Triton: power-of-two shapes
+        vals = [v.astype(jnp.float32) for v in dyn_values]
+        vals += [jnp.zeros((), jnp.float32)] * (width - n_dyn)
+        inputs.append(jnp.stack(vals).reshape(1, width))
+        in_specs.append(pl.BlockSpec((1, width), lambda i, j: (0, 0)))
+    aliases = {1: 0} if apply else {}
+    for k, (q, cb) in enumerate(zip(moments, cbs)):
+        if lay.pack_in_kernel or q.bits == 8:  # codes in place (else unpacked: a new array)
+            aliases[len(inputs)] = 1 + 2 * k
+        aliases[len(inputs) + 1] = 2 + 2 * k  # absmax in place
         inputs += [bw.codes_2d(q, lay), q.absmax.reshape(lay.rows, lay.nblocks)]
         in_specs += [code_spec, scale_spec]
         inputs += [jnp.asarray(t) for t in cb.tables]
         in_specs += [bw.table_spec(t) for t in cb.tables]
-    out_shape = [jax.ShapeDtypeStruct((lay.rows, lay.length), u_aval.dtype)]
+    out_shape = [jax.ShapeDtypeStruct((lay.rows, lay.length),
+                                      jnp.asarray(p).dtype if apply else u_aval.dtype)]
     out_specs = [value_spec]
     for _ in moments:
         out_shape += [jax.ShapeDtypeStruct((lay.rows, lay.code_cols), jnp.uint8),
@@ -379,6 +406,8 @@ def fused_update(rule, g, p, moments, scalars, *, interpret: bool | None = None,
         out_specs += [code_spec, scale_spec]
     outs = pl.pallas_call(kernel, out_shape=tuple(out_shape), grid=lay.grid, in_specs=in_specs,
                           out_specs=tuple(out_specs), interpret=interp,
+                          compiler_params=bw.compiler_params(interp),
+                          input_output_aliases=aliases,
                           name="fused_lowbit_update")(*inputs)
     u = outs[0].reshape(g.shape)
     new_q = []
@@ -397,7 +426,7 @@ def fused_update(rule, g, p, moments, scalars, *, interpret: bool | None = None,
 #: hardware, and so where ``use_kernel=None`` picks them. Empty until that check is done (issue
 #: 6: no GPU/TPU run yet); a kernel that failed to lower would otherwise break every default
 #: training loop on that backend. Add "gpu" / "tpu" once verified.
-VALIDATED_BACKENDS: tuple[str, ...] = ()
+VALIDATED_BACKENDS: tuple[str, ...] = ("gpu",)
 
 
 def kernel_available() -> bool:
@@ -480,7 +509,7 @@ def fused_lowbit(jnp_tx: optax.GradientTransformationExtraArgs, spec: FusedSpec,
     """
     rule, n_mom = _RULES[spec.algo]
 
-    def update_fn(updates, state, params=None, **extra):
+    def step(updates, state, params=None, apply=False, **extra):
         ref_updates, ref_state = jnp_tx.update(updates, state, params, **extra)
         chain = state if isinstance(state, tuple) and not hasattr(state, "_fields") else (state,)
         core = chain[0]
@@ -529,6 +558,9 @@ def fused_lowbit(jnp_tx: optax.GradientTransformationExtraArgs, spec: FusedSpec,
         out_u = jax.tree.leaves(ref_updates)
         new_moms = [list(jax.tree.leaves(getattr_moment(ref_state, spec.algo, k),
                                          is_leaf=_is_q)) for k in range(n_mom)]
+        applied = [False] * len(flat_g)
+        if apply and params is None:
+            raise ValueError("fused_apply needs the parameters")
         for i, (path, g) in enumerate(flat_g):
             ms = tuple(m[i] for m in flat_m)
             if not _is_q(ms[0]):
@@ -536,7 +568,7 @@ def fused_lowbit(jnp_tx: optax.GradientTransformationExtraArgs, spec: FusedSpec,
             leaf_s = dict(s)
             if use_wd and decay_mask[i]:
                 leaf_s["wd"] = wd
-            p = flat_p[i] if "wd" in leaf_s else None
+            p = flat_p[i] if ("wd" in leaf_s or (apply and not chunked)) else None
             leaf_name = jax.tree_util.keystr(path) or "<root>"
             if chunked:
                 if not chunk_pays(ms[0]):
@@ -544,14 +576,39 @@ def fused_lowbit(jnp_tx: optax.GradientTransformationExtraArgs, spec: FusedSpec,
                 u, new = fused_update_chunked(rule, g, p, ms, leaf_s, name=leaf_name)
             else:
                 u, new = fused_update(rule, g, p, ms, leaf_s, interpret=interpret,
-                                      tile_elems=tile_elems, name=leaf_name)
+                                      tile_elems=tile_elems, apply=apply, name=leaf_name)
+                if apply:
+                    applied[i] = True
             out_u[i] = u
             for k in range(n_mom):
                 new_moms[k][i] = new[k]
-        new_updates = jax.tree_util.tree_unflatten(treedef, out_u)
-        return new_updates, replace_moments(ref_state, spec.algo, new_moms)
+        new_state = replace_moments(ref_state, spec.algo, new_moms)
+        if apply:
+            out_u = [u if done else jnp.asarray(p + u).astype(jnp.asarray(p).dtype)
+                     for u, p, done in zip(out_u, flat_p, applied)]
+        return jax.tree_util.tree_unflatten(treedef, out_u), new_state
 
-    return optax.GradientTransformationExtraArgs(jnp_tx.init, jax.jit(update_fn))
+    def update_fn(updates, state, params=None, **extra):
+        return step(updates, state, params, **extra)
+
+    def apply_fn(grads, state, params, **extra):
+        return step(grads, state, params, apply=True, **extra)
+
+    update = jax.jit(update_fn)
+    _APPLY[update] = jax.jit(apply_fn, donate_argnums=())
+    return optax.GradientTransformationExtraArgs(jnp_tx.init, update)
+
+
+#: ``update`` function of a :func:`fused_lowbit` transform -> its update-and-apply step.
+_APPLY: dict = {}
+
+
+def apply_step_of(update_fn):
+    """The fused update-and-apply step registered for ``update_fn``, or None."""
+    try:
+        return _APPLY.get(update_fn)
+    except TypeError:  # unhashable
+        return None
 
 
 _FIELDS = {"adam": ("mu", "nu"), "lion": ("mu",), "sgd": ("trace",)}

@@ -16,6 +16,7 @@ from effjax.optim.lowbit import (
     adamw_4bit,
     adamw_8bit,
     ademamix_8bit,
+    fused_apply,
     lion_8bit,
     rmsprop_8bit,
     scale_by_adam_8bit,
@@ -39,7 +40,7 @@ from effjax.optim.stable_spam import (
 __all__ = [
     "quantize_state", "DEFAULT_UNSIGNED_FIELDS", "state_bytes",
     "scale_by_adam_8bit", "adam_8bit", "adamw_8bit", "lion_8bit", "sgd_8bit", "rmsprop_8bit",
-    "adagrad_8bit", "ademamix_8bit", "adam_4bit", "adamw_4bit",
+    "adagrad_8bit", "ademamix_8bit", "adam_4bit", "adamw_4bit", "fused_apply",
     "perp_grad", "project_out_param_direction", "scale_by_inverse_param_norm",
     "allora_coefficient", "allora_lora_delta", "scale_learning_rate", "lr_for_batch_size",
     "adam_hyperparams_for_batch_size",

@@ -113,8 +113,11 @@ def _bucket_table(values: tuple[float, ...]) -> _BucketTable:
 
 
 def default_tables() -> bool:
-    """Whether the jnp path reads lookup tables by default: on CPU (see the module docstring)."""
-    return jax.default_backend() == "cpu"
+    """Whether the jnp path reads lookup tables by default: on CPU (speed, see the module
+    docstring) and on GPU, where XLA contracts the closed form's products into fused
+    multiply-adds and then misplaces exact ties now and then (1 code in 2M standard-normal
+    elements on an H100, ``experiments/check_kernels.py``); the tables have no arithmetic."""
+    return jax.default_backend() in ("cpu", "gpu")
 
 
 def _resolve(tables: bool | None) -> bool:

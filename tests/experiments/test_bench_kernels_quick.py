@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from experiments import bench_kernels
+from experiments import bench_kernels, check_kernels
 
 
 def test_bytes_moved_per_element():
@@ -31,5 +31,28 @@ def test_quick_mode(tmp_path):
         assert r["elements"] % bench_kernels.ROW == 0
         assert r["copy_gbs"] > 0 and r["fused_gbs"] > 0
         assert r["fused_ms"] > 0 and r["adamw_ms"] > 0 and r["jnp8_ms"] > 0
+        assert r["fused_update_ms"] > 0
         assert r["fused_vs_adamw"] == pytest.approx(r["fused_ms"] / r["adamw_ms"])
+        assert r["fused_update_vs_adamw"] == pytest.approx(r["fused_update_ms"] / r["adamw_ms"])
         assert r["torchao_ms"] is None  # no CUDA here
+
+
+def test_check_kernels_quick_finds_interpret_mode_exact(tmp_path):
+    """check_kernels --quick (interpret mode): every kernel equals the jnp path here."""
+    out = tmp_path / "check.json"
+    rows = check_kernels.main(["--quick", "--json", str(out)])
+    data = json.loads(out.read_text())
+    assert data["meta"]["interpret"] is True and len(data["rows"]) == len(rows)
+    assert {r["case"] for r in rows if r["kernel"] == "optimizer"} == set(check_kernels.OPTIMIZERS)
+    for r in rows:
+        assert r["codes"] > 0 and r["code_mismatch"] == 0 and r["absmax_equal"], r
+        if r["kernel"] == "optimizer":
+            assert r["update_max_ulps"] == 0 and r["param_drift_rel"] == 0.0, r
+            assert r["apply_vs_update_max_ulps"] == 0, r
+        else:
+            assert r["dequant_equal"], r
+
+
+def test_check_kernels_refuses_without_gpu_unless_quick():
+    with pytest.raises(SystemExit, match="no GPU"):
+        check_kernels.main([])
