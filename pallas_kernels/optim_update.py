@@ -456,9 +456,10 @@ def select_path(use_kernel: bool | None, *, name: str, has_kernel: bool = True) 
     unfused jnp path of :func:`effjax.optim.quantize_state`).
 
     ``use_kernel=True``: the kernel (interpret mode on CPU: slow, for testing). ``False``: the
-    unfused jnp path. ``None`` (auto), for optimizers that have a fused step: the kernel on
-    :data:`VALIDATED_BACKENDS`, the chunked jnp step on a CPU with one device, else the unfused
-    jnp path.
+    unfused jnp path. ``None`` (auto), for optimizers that have a fused step, in a process with
+    one device: the kernel on :data:`VALIDATED_BACKENDS`, the chunked jnp step on a CPU; with
+    several devices (sharded leaves, which XLA cannot partition through a ``pallas_call``) and
+    elsewhere the unfused jnp path.
     """
     if use_kernel is not None and not isinstance(use_kernel, bool):
         raise ValueError(f"{name}: use_kernel must be None, True or False, got {use_kernel!r}")
@@ -469,11 +470,14 @@ def select_path(use_kernel: bool | None, *, name: str, has_kernel: bool = True) 
         return "pallas" if use_kernel else None
     if not has_kernel:
         return None
+    # Single-device processes only: XLA cannot partition a pallas_call (it would all-gather
+    # a sharded leaf; under shard_map pass use_kernel=True), and the chunked step slices
+    # flattened blocks, which gathers a sharded leaf too.
+    if jax.device_count() != 1:
+        return None
     if kernel_available():
         return "pallas"
-    # The chunked step slices flattened blocks, which gathers a sharded leaf: single-device
-    # CPU processes only.
-    return "chunked" if jax.default_backend() == "cpu" and jax.device_count() == 1 else None
+    return "chunked" if jax.default_backend() == "cpu" else None
 
 
 class FusedSpec(NamedTuple):

@@ -14,7 +14,11 @@ Fused steps (``use_kernel``): ``adam_8bit``, ``adamw_8bit``, ``scale_by_adam_8bi
 ``lion_8bit``, ``sgd_8bit``, ``adam_4bit`` and ``adamw_4bit`` can run each quantized leaf's step
 fused (dequantize, update, requantize in one pass over each block):
 
-* ``use_kernel=None`` (auto): the Pallas kernel (:mod:`pallas_kernels.optim_update`) on
+* ``use_kernel=None`` (auto), in a process with one device (XLA cannot partition a kernel
+  call over sharded leaves, it would gather them; with several devices auto is the unfused jnp
+  step, and ``use_kernel=True`` forces the kernel, e.g. inside ``shard_map``, untested): the
+  Pallas kernel
+  (:mod:`pallas_kernels.optim_update`) on
   backends where it has been validated on real hardware
   (``pallas_kernels.optim_update.VALIDATED_BACKENDS``: NVIDIA GPUs, checked on an H100 with
   Triton; use :func:`fused_apply` there, so that the kernel also writes the parameters: 0.75x

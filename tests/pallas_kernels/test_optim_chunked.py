@@ -91,9 +91,15 @@ def test_auto_is_the_chunked_step_on_single_device_cpu(one_device):
 
 
 def test_several_devices_keep_the_unfused_path(monkeypatch):
-    """The chunked loop slices flattened blocks, which would gather a sharded leaf."""
+    """The chunked loop slices flattened blocks and XLA cannot partition a pallas_call: both
+    would gather a sharded leaf, so auto keeps the unfused path with several devices."""
     monkeypatch.setattr(jax, "device_count", lambda *a: 8)
     assert K.select_path(None, name="x") is None
+    monkeypatch.setattr(K, "kernel_available", lambda: True)  # as on a GPU
+    assert K.select_path(None, name="x") is None
+    assert K.select_path(True, name="x") == "pallas"
+    monkeypatch.setattr(jax, "device_count", lambda *a: 1)
+    assert K.select_path(None, name="x") == "pallas"
     assert not _has(O.adamw_8bit(1e-3, min_quantized_size=1000), "loop")
 
 
