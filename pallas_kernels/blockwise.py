@@ -181,7 +181,7 @@ def lookup_tables(values) -> tuple[tuple[np.ndarray, ...], tuple[int, ...]]:
     sorted_vals = key if order is None else order[0]
     order_idx = np.arange(n) if order is None else np.asarray(order[1])
     table = _search._bucket_table(sorted_vals)
-    half = _pow2_ceil(table.buckets)
+    half = pow2_ceil(table.buckets)
     thresholds = np.full(2 * half, np.inf, np.float32)
     codes = np.zeros(2 * half, np.int32)
     for side in range(2):
@@ -191,13 +191,14 @@ def lookup_tables(values) -> tuple[tuple[np.ndarray, ...], tuple[int, ...]]:
         hi = order_idx[np.clip(count + 1, 0, n - 1)]
         thresholds[side * half: side * half + table.buckets] = rows[:, 1]
         codes[side * half: side * half + table.buckets] = lo | (hi << 8)
-    out_vals = np.zeros(_pow2_ceil(n), np.float32)
+    out_vals = np.zeros(pow2_ceil(n), np.float32)
     out_vals[:n] = vals
     bucket = (table.shift, table.q0, table.buckets, half, int(order_idx[0]))
     return (out_vals, thresholds, codes), bucket
 
 
-def _pow2_ceil(n: int) -> int:
+def pow2_ceil(n: int) -> int:
+    """The smallest power of two >= ``n``, at least 2 (Triton's array sizes)."""
     return 1 << max(1, (int(n) - 1).bit_length())
 
 
@@ -299,8 +300,9 @@ def store(ref, value, mask):
 
 
 def uses_gpu_asm(interp: bool) -> bool:
-    """Whether a kernel body is compiled for an NVIDIA GPU (Triton), where the kernels divide
-    with :func:`exact_div`'s inline PTX; in interpret mode they divide as XLA does."""
+    """Whether a kernel body is compiled for an NVIDIA GPU (Triton): then the kernels take
+    :func:`compiler_params` and divide with :func:`exact_div`'s inline PTX; in interpret mode
+    they divide as XLA does."""
     return not interp and jax.default_backend() == "gpu"
 
 
@@ -313,9 +315,9 @@ def exact_div(x, y, *, gpu_asm: bool):
     jnp path. On a GPU (``gpu_asm``) the kernels therefore divide with inline ``div.rn.f32``;
     16-bit operands are divided in float32 and rounded back, as XLA:GPU does.
     """
-    dt = jnp.result_type(x, y)
     if not gpu_asm:
         return jnp.divide(x, y)
+    dt = jnp.result_type(x, y)
     shape = jnp.broadcast_shapes(jnp.shape(x), jnp.shape(y))
     xf = jnp.broadcast_to(jnp.asarray(x, dt).astype(jnp.float32), shape)
     yf = jnp.broadcast_to(jnp.asarray(y, dt).astype(jnp.float32), shape)
@@ -328,10 +330,8 @@ def exact_div(x, y, *, gpu_asm: bool):
 def compiler_params(interp: bool):
     """Explicit Triton parameters on a GPU: JAX 0.11 lowers a ``pallas_call`` with Triton by
     default, JAX 0.10 with Mosaic GPU, whose ``pallas_call`` path JAX has deprecated and which
-    does not take these kernels' tiles (see ``pallas_kernels/README.md``)."""
-    if interp or jax.default_backend() != "gpu":
-        return None
-    return pltriton.CompilerParams(num_warps=NUM_WARPS)
+    does not take these kernels' tiles (its copies allow at most 256 elements per axis)."""
+    return pltriton.CompilerParams(num_warps=NUM_WARPS) if uses_gpu_asm(interp) else None
 
 
 def valid_columns(shape2d, col0, length):

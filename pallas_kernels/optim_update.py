@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from typing import Any, NamedTuple
 
 import jax
@@ -397,7 +398,7 @@ def fused_update(rule, g, p, moments, scalars, *, interpret: bool | None = None,
         inputs.append(jnp.asarray(p).reshape(lay.rows, lay.length))
         in_specs.append(value_spec)
     if n_dyn:
-        width = 1 << (n_dyn - 1).bit_length()  # Triton: power-of-two shapes
+        width = bw.pow2_ceil(n_dyn)
         vals = [v.astype(jnp.float32) for v in dyn_values]
         vals += [jnp.zeros((), jnp.float32)] * (width - n_dyn)
         inputs.append(jnp.stack(vals).reshape(1, width))
@@ -612,19 +613,20 @@ def fused_lowbit(jnp_tx: optax.GradientTransformationExtraArgs, spec: FusedSpec,
         return step(grads, state, params, apply=True, **extra)
 
     update = jax.jit(update_fn)
-    _APPLY[update] = jax.jit(apply_fn, donate_argnums=())
+    _APPLY[update] = jax.jit(apply_fn)
     return optax.GradientTransformationExtraArgs(jnp_tx.init, update)
 
 
-#: ``update`` function of a :func:`fused_lowbit` transform -> its update-and-apply step.
-_APPLY: dict = {}
+#: ``update`` function of a :func:`fused_lowbit` transform -> its update-and-apply step (weak
+#: keys: an entry goes with its optimizer).
+_APPLY = weakref.WeakKeyDictionary()
 
 
 def apply_step_of(update_fn):
     """The fused update-and-apply step registered for ``update_fn``, or None."""
     try:
         return _APPLY.get(update_fn)
-    except TypeError:  # unhashable
+    except TypeError:  # not weak-referenceable: not one of ours
         return None
 
 

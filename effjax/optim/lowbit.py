@@ -14,19 +14,17 @@ Fused steps (``use_kernel``): ``adam_8bit``, ``adamw_8bit``, ``scale_by_adam_8bi
 ``lion_8bit``, ``sgd_8bit``, ``adam_4bit`` and ``adamw_4bit`` can run each quantized leaf's step
 fused (dequantize, update, requantize in one pass over each block):
 
-* ``use_kernel=None`` (auto), in a process with one device (XLA cannot partition a kernel
-  call over sharded leaves, it would gather them; with several devices auto is the unfused jnp
-  step, and ``use_kernel=True`` forces the kernel, e.g. inside ``shard_map``, untested): the
-  Pallas kernel
-  (:mod:`pallas_kernels.optim_update`) on
-  backends where it has been validated on real hardware
-  (``pallas_kernels.optim_update.VALIDATED_BACKENDS``: NVIDIA GPUs, checked on an H100 with
-  Triton; use :func:`fused_apply` there, so that the kernel also writes the parameters: 0.75x
-  ``optax.adamw``'s step time, vs 1.16x for ``update`` + ``apply_updates``,
-  ``experiments/README.md``); on a CPU with one device, the
-  chunked jnp step (``fused_update_chunked``) for 8-bit leaves of at least 4M elements, where it
-  measured 1.8x faster than the unfused step (smaller leaves and 4-bit leaves keep the unfused
-  step, which is faster there); elsewhere the unfused jnp step.
+* ``use_kernel=None`` (auto), in a process with one device: the Pallas kernel
+  (:mod:`pallas_kernels.optim_update`) on backends where it has been validated on real
+  hardware (``pallas_kernels.optim_update.VALIDATED_BACKENDS``: NVIDIA GPUs, checked on an
+  H100 with Triton; use :func:`fused_apply` there, so that the kernel also writes the
+  parameters: 0.75x ``optax.adamw``'s step time, vs 1.16x for ``update`` + ``apply_updates``,
+  ``experiments/README.md``); on a CPU, the chunked jnp step (``fused_update_chunked``) for
+  8-bit leaves of at least 4M elements, where it measured 1.8x faster than the unfused step
+  (smaller leaves and 4-bit leaves keep the unfused step, which is faster there); elsewhere,
+  and with several devices, the unfused jnp step (XLA cannot partition a kernel call over
+  sharded leaves, it would gather them; ``use_kernel=True`` forces the kernel, e.g. inside
+  ``shard_map``, untested).
 * ``use_kernel=True``: the Pallas kernel (interpret mode on CPU: slow, for testing).
 * ``use_kernel=False``: the unfused jnp step (``quantize_state`` around the optax optimizer).
 

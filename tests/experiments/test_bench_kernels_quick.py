@@ -38,7 +38,8 @@ def test_quick_mode(tmp_path):
 
 
 def test_check_kernels_quick_finds_interpret_mode_exact(tmp_path):
-    """check_kernels --quick (interpret mode): every kernel equals the jnp path here."""
+    """check_kernels --quick (interpret mode): codes equal the jnp path's; updates too, up to
+    the Adam family's documented ulps."""
     out = tmp_path / "check.json"
     rows = check_kernels.main(["--quick", "--json", str(out)])
     data = json.loads(out.read_text())
@@ -47,8 +48,12 @@ def test_check_kernels_quick_finds_interpret_mode_exact(tmp_path):
     for r in rows:
         assert r["codes"] > 0 and r["code_mismatch"] == 0 and r["absmax_equal"], r
         if r["kernel"] == "optimizer":
-            assert r["update_max_ulps"] == 0 and r["param_drift_rel"] == 0.0, r
             assert r["apply_vs_update_max_ulps"] == 0, r
+            if r["case"] in ("lion_8bit", "sgd_8bit"):
+                assert r["update_max_ulps"] == 0 and r["param_drift_rel"] == 0.0, r
+            else:  # Adam family: XLA:CPU contracts FMAs differently in the kernel body (the
+                # documented few-ulp difference, as in tests/pallas_kernels/test_optim_update)
+                assert r["update_max_ulps"] <= 8 and r["param_drift_rel"] < 1e-5, r
         else:
             assert r["dequant_equal"], r
 
