@@ -453,12 +453,14 @@ def kernel_available() -> bool:
 
 def select_path(use_kernel: bool | None, *, name: str, has_kernel: bool = True) -> str | None:
     """Which step an ``effjax.optim`` alias runs: ``"pallas"`` (the fused kernel),
-    ``"chunked"`` (:func:`fused_update_chunked`, the fused step in jnp) or ``None`` (the
-    unfused jnp path of :func:`effjax.optim.quantize_state`).
+    ``"native"`` (the C++ CPU kernel, :mod:`pallas_kernels.native_cpu`), ``"chunked"``
+    (:func:`fused_update_chunked`, the fused step in jnp) or ``None`` (the unfused jnp path
+    of :func:`effjax.optim.quantize_state`).
 
     ``use_kernel=True``: the kernel (interpret mode on CPU: slow, for testing). ``False``: the
     unfused jnp path. ``None`` (auto), for optimizers that have a fused step, in a process with
-    one device: the kernel on :data:`VALIDATED_BACKENDS`, the chunked jnp step on a CPU; with
+    one device: the kernel on :data:`VALIDATED_BACKENDS`; on a CPU the native kernel where it
+    builds (:func:`pallas_kernels.native_cpu.available`), else the chunked jnp step; with
     several devices (sharded leaves, which XLA cannot partition through a ``pallas_call``) and
     elsewhere the unfused jnp path.
     """
@@ -478,7 +480,11 @@ def select_path(use_kernel: bool | None, *, name: str, has_kernel: bool = True) 
         return None
     if kernel_available():
         return "pallas"
-    return "chunked" if jax.default_backend() == "cpu" else None
+    if jax.default_backend() != "cpu":
+        return None
+    from pallas_kernels import native_cpu
+
+    return "native" if native_cpu.available() else "chunked"
 
 
 class FusedSpec(NamedTuple):
@@ -516,15 +522,20 @@ def _mask_leaves(mask, updates, n):
 
 def fused_lowbit(jnp_tx: optax.GradientTransformationExtraArgs, spec: FusedSpec, *,
                  interpret: bool | None = None, tile_elems: int | None = None,
-                 chunked: bool = False) -> optax.GradientTransformationExtraArgs:
+                 chunked: bool = False,
+                 native: bool = False) -> optax.GradientTransformationExtraArgs:
     """The low-bit optimizer ``jnp_tx`` (an ``effjax.optim`` alias) with fused kernel steps.
 
     Same ``init`` and the same state pytree as ``jnp_tx`` (checkpoints are interchangeable);
     ``update`` runs the kernel for every leaf whose moments are QuantizedArrays and takes all
     else (small float32 leaves, counters, schedule states) from ``jnp_tx.update``.
     ``chunked=True`` runs :func:`fused_update_chunked` instead of the kernel, on the leaves
-    where :func:`chunk_pays` (the others keep ``jnp_tx``'s step).
+    where :func:`chunk_pays` (the others keep ``jnp_tx``'s step). ``native=True`` (CPU) runs
+    the C++ kernel (:func:`pallas_kernels.native_cpu.lowbit_step`) on the leaves it supports
+    (float32, blocks as whole rows); the others take the ``chunked`` rule.
     """
+    if native:
+        from pallas_kernels import native_cpu
     rule, n_mom = _RULES[spec.algo]
 
     def step(updates, state, params=None, apply=False, **extra):
@@ -586,9 +597,14 @@ def fused_lowbit(jnp_tx: optax.GradientTransformationExtraArgs, spec: FusedSpec,
             leaf_s = dict(s)
             if use_wd and decay_mask[i]:
                 leaf_s["wd"] = wd
-            p = flat_p[i] if ("wd" in leaf_s or (apply and not chunked)) else None
             leaf_name = jax.tree_util.keystr(path) or "<root>"
-            if chunked:
+            p = flat_p[i] if ("wd" in leaf_s or apply) else None
+            if native and native_cpu.supports(g, p, ms):
+                u, new = native_cpu.lowbit_step(spec.algo, g, p, ms, leaf_s, apply=apply,
+                                                name=leaf_name)
+                applied[i] = apply
+            elif chunked:
+                p = p if "wd" in leaf_s else None
                 if not chunk_pays(ms[0]):
                     continue  # the unfused jnp step's results
                 u, new = fused_update_chunked(rule, g, p, ms, leaf_s, name=leaf_name)

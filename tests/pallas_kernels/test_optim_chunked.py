@@ -16,6 +16,7 @@ import pytest
 
 from effjax import optim as O
 from effjax import quant as Q
+from pallas_kernels import native_cpu as N
 from pallas_kernels import optim_update as K
 from tests.pallas_kernels.test_optim_update import OPTIMIZERS, _quantized
 
@@ -63,10 +64,13 @@ def _has(opt, primitive):
 
 @pytest.fixture
 def one_device(monkeypatch):
-    """The optimizers pick the chunked step in single-device CPU processes; this test process
-    has 8 CPU devices (tests/conftest.py), so make it look like one while they are built. And
-    chunk every 8-bit leaf, not only those of CHUNK_MIN_ELEMS elements and more."""
+    """The optimizers pick the chunked step in single-device CPU processes where the native
+    kernel is unavailable (tests/pallas_kernels/test_native_cpu.py covers it): this test process
+    has 8 CPU devices (tests/conftest.py), so make it look like one while they are built, with
+    the native kernel switched off. And chunk every 8-bit leaf, not only those of
+    CHUNK_MIN_ELEMS elements and more."""
     monkeypatch.setattr(jax, "device_count", lambda *a: 1)
+    monkeypatch.setattr(N, "available", lambda: False)
     monkeypatch.setattr(K, "CHUNK_MIN_ELEMS", 0)
 
 

@@ -1,0 +1,330 @@
+// Fused low-bit optimizer step for CPUs, as an XLA FFI custom call.
+//
+// The CPU counterpart of pallas_kernels/optim_update.py's Pallas kernel (Pallas only interprets
+// on CPU). One pass per block of `block_size` elements:
+//
+//   m = codebook_m[codes_m] * absmax_m (and v)                     dequantize
+//   (u, m', v') = rule(g, p, m, v)                                 adam | lion | sgd
+//   absmax'_b = max |m'_i|, codes'_i = nearest(m'_i * (1 / absmax'_b))   requantize
+//
+// with the jnp reference's float32 expressions in the same order (compiled with
+// -ffp-contract=off: every product and sum rounds as written), and the reference's nearest-code
+// search, with the tables of pallas_kernels.blockwise.lookup_tables: the float's exponent and
+// top mantissa bits pick a bucket holding at most one decision threshold T, and the code is the
+// bucket's `lo` below T, its `hi` from T up. Non-finite gradients: the update of that element
+// is 0 and non-finite new moments are stored as 0 (effjax.optim.quantize_state).
+//
+// Blocks are independent, so ranges of blocks run on XLA's intra-op thread pool. Codes and
+// scales may be written in place (the Python side aliases them): a block is decoded into
+// scratch before its codes are overwritten. 4-bit codes are packed two per byte, element 2j in
+// the high nibble. Loops are written so that GCC vectorizes them (no calls, no early exits).
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+enum Algo : int64_t { kAdam = 0, kLion = 1, kSgd = 2 };
+enum Flag : int64_t { kWeightDecay = 1, kNesterov = 2, kApply = 4 };
+// Slots of the float32 `scalars` input, computed in Python with the reference's expressions.
+enum Slot { kC1, kB1, kC2, kB2, kBc1, kBc2, kBc1Next, kEpsRoot, kEps, kWd, kLr, kNumSlots };
+
+struct Book {  // a codebook: decode table and the nearest-code bucket table
+  const float* dec;      // value of each code
+  const float* thr;      // per bucket: the threshold inside it (+inf if none)
+  const int32_t* codes;  // per bucket: lo | hi << 8 (the codes below / from the threshold)
+  int32_t shift, q0, buckets, half;  // buckets per sign; negative side starts at `half`
+};
+
+struct Moment {
+  const uint8_t* codes;
+  const float* absmax;
+  uint8_t* out_codes;
+  float* out_absmax;
+  Book book;
+};
+
+inline int32_t bits_of(float x) {
+  int32_t b;
+  std::memcpy(&b, &x, 4);
+  return b;
+}
+
+inline float float_of(int32_t b) {
+  float x;
+  std::memcpy(&x, &b, 4);
+  return x;
+}
+
+// Finite test without a library call (vectorizes): x - x is 0 for finite x, NaN otherwise.
+inline bool finite(float x) { return x - x == 0.0f; }
+
+void decode_block(const Moment& m, int64_t b, int64_t bs, int bits, float* __restrict out) {
+  const float* __restrict dec = m.book.dec;
+  const float a = m.absmax[b];
+  if (bits == 8) {
+    const uint8_t* __restrict c = m.codes + b * bs;
+    for (int64_t i = 0; i < bs; i++) out[i] = dec[c[i]] * a;
+  } else {
+    const uint8_t* __restrict c = m.codes + b * (bs / 2);
+    for (int64_t j = 0; j < bs / 2; j++) {
+      out[2 * j] = dec[c[j] >> 4] * a;
+      out[2 * j + 1] = dec[c[j] & 15] * a;
+    }
+  }
+}
+
+// effjax.quant.quantize_blockwise on one block of finite values (absmax, pre-scale, search).
+void encode_block(const Moment& m, int64_t b, int64_t bs, int bits, const float* __restrict x,
+                  int32_t* __restrict idx) {
+  int32_t mx = 0;  // max |x| on the bit patterns: non-negative finite floats order as ints
+  for (int64_t i = 0; i < bs; i++) mx = std::max(mx, bits_of(x[i]) & 0x7fffffff);
+  const float absmax = float_of(mx);
+  m.out_absmax[b] = absmax;
+  // 1/absmax is subnormal above 2**126: such blocks are pre-scaled by 2**-4 (as the reference).
+  const float pre = absmax >= 0x1p125f ? 0x1p-4f : 1.0f;
+  const float inv = absmax > 0.0f ? 1.0f / (absmax * pre) : 0.0f;
+  const int32_t shift = m.book.shift, q0 = m.book.q0, nb = m.book.buckets, half = m.book.half;
+  const int32_t* __restrict codes = m.book.codes;
+  const float* __restrict thr = m.book.thr;
+  for (int64_t i = 0; i < bs; i++) {
+    const float y = (x[i] * pre) * inv;
+    const int32_t yb = bits_of(y);
+    int32_t q = ((yb & 0x7fffffff) >> shift) - q0;
+    q = std::min(std::max(q, 0), nb - 1) + (yb < 0 ? half : 0);
+    const int32_t c = codes[q];
+    idx[i] = y >= thr[q] ? c >> 8 : c & 255;
+  }
+  if (bits == 8) {
+    uint8_t* __restrict out = m.out_codes + b * bs;
+    for (int64_t i = 0; i < bs; i++) out[i] = static_cast<uint8_t>(idx[i]);
+  } else {
+    uint8_t* __restrict out = m.out_codes + b * (bs / 2);
+    for (int64_t j = 0; j < bs / 2; j++)
+      out[j] = static_cast<uint8_t>((idx[2 * j] << 4) | idx[2 * j + 1]);
+  }
+}
+
+struct Step {
+  int64_t algo, flags, bs;
+  int bits, n_moments;
+  const float* g;
+  const float* p;  // nullptr when the rule does not read it
+  float* out;      // the update, or the new parameter with kApply
+  const float* s;  // scalars
+  Moment mom[2];
+};
+
+// The rules of pallas_kernels/optim_update.py (adam_rule, lion_rule, sgd_rule, _tail) on one
+// block; x0/x1 hold the old moments on entry and the new (finite) moments on exit.
+void update_block(const Step& st, int64_t b, float* __restrict x0, float* __restrict x1) {
+  const int64_t bs = st.bs, o = b * bs;
+  const float* __restrict g = st.g + o;
+  const float* __restrict p = st.p == nullptr ? nullptr : st.p + o;
+  float* __restrict out = st.out + o;
+  const float* s = st.s;
+  const float c1 = s[kC1], b1 = s[kB1], c2 = s[kC2], b2 = s[kB2], wd = s[kWd], lr = s[kLr];
+  const bool has_wd = st.flags & kWeightDecay, apply = st.flags & kApply;
+  const bool nesterov = st.flags & kNesterov;
+  if (st.algo == kAdam) {
+    const float bc1 = s[kBc1], bc2 = s[kBc2], bc1n = s[kBc1Next], eps_root = s[kEpsRoot],
+                eps = s[kEps];
+    for (int64_t i = 0; i < bs; i++) {
+      const float gi = g[i];
+      const float mu = c1 * gi + b1 * x0[i];
+      const float nu = c2 * (gi * gi) + b2 * x1[i];
+      const float mu_hat = nesterov ? b1 * (mu / bc1n) + c1 * (gi / bc1) : mu / bc1;
+      float u = mu_hat / (__builtin_sqrtf(nu / bc2 + eps_root) + eps);
+      if (has_wd) u = u + wd * p[i];
+      u = lr * u;
+      u = finite(gi) ? u : 0.0f;
+      out[i] = apply ? p[i] + u : u;
+      x0[i] = finite(mu) ? mu : 0.0f;
+      x1[i] = finite(nu) ? nu : 0.0f;
+    }
+  } else if (st.algo == kLion) {
+    for (int64_t i = 0; i < bs; i++) {
+      const float gi = g[i];
+      const float z = c1 * gi + b1 * x0[i];
+      float u = z > 0.0f ? 1.0f : (z < 0.0f ? -1.0f : z);  // jnp.sign (0, -0, NaN kept)
+      const float mu = c2 * gi + b2 * x0[i];
+      if (has_wd) u = u + wd * p[i];
+      u = lr * u;
+      u = finite(gi) ? u : 0.0f;
+      out[i] = apply ? p[i] + u : u;
+      x0[i] = finite(mu) ? mu : 0.0f;
+    }
+  } else {  // sgd: t = g + decay t_old; u = t (nesterov: g + decay t); decay in slot kB1
+    for (int64_t i = 0; i < bs; i++) {
+      const float gi = g[i];
+      const float t = gi + b1 * x0[i];
+      float u = nesterov ? gi + b1 * t : t;
+      u = lr * u;
+      u = finite(gi) ? u : 0.0f;
+      out[i] = apply ? p[i] + u : u;
+      x0[i] = finite(t) ? t : 0.0f;
+    }
+  }
+}
+
+void run_blocks(const Step& st, int64_t lo, int64_t hi) {
+  std::vector<float> buf(2 * st.bs);
+  std::vector<int32_t> idx(st.bs);
+  float* x0 = buf.data();
+  float* x1 = buf.data() + st.bs;
+  for (int64_t b = lo; b < hi; b++) {
+    for (int k = 0; k < st.n_moments; k++) decode_block(st.mom[k], b, st.bs, st.bits, k ? x1 : x0);
+    update_block(st, b, x0, x1);
+    for (int k = 0; k < st.n_moments; k++)
+      encode_block(st.mom[k], b, st.bs, st.bits, k ? x1 : x0, idx.data());
+  }
+}
+
+// Runs f(lo, hi) over [0, n) in chunks of `grain`, on the calling thread and on up to
+// num_threads - 1 pool tasks. The caller waits only for chunks to finish, never for a task to
+// start (so it cannot deadlock on a busy pool); a late task finds no chunk left and returns
+// without touching anything but the shared counters it co-owns.
+template <typename F>
+void parallel_for(ffi::ThreadPool& pool, int64_t n, int64_t grain, const F& f) {
+  const int64_t chunks = (n + grain - 1) / grain;
+  const int64_t tasks = std::min<int64_t>(pool.num_threads(), chunks) - 1;
+  if (tasks <= 0) {
+    f(0, n);
+    return;
+  }
+  struct Shared {
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  auto sh = std::make_shared<Shared>();
+  auto work = [sh, chunks, grain, n, &f] {
+    for (int64_t c; (c = sh->next.fetch_add(1)) < chunks;) {
+      f(c * grain, std::min(n, (c + 1) * grain));
+      sh->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int64_t t = 0; t < tasks; t++) pool.Schedule(decltype(work)(work));
+  work();
+  while (sh->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
+}
+
+ffi::Error check_book(const Book& b, int64_t dec_n, int64_t thr_n, int64_t codes_n) {
+  if (dec_n < 2 || dec_n > 256 || thr_n != 2 * b.half || codes_n != thr_n ||
+      b.buckets < 1 || b.buckets > b.half || b.shift < 0 || b.shift > 23)
+    return ffi::Error::InvalidArgument("lowbit_step: inconsistent codebook tables");
+  for (int64_t q = 0; q < codes_n; q++)  // codes index the decode table
+    if ((b.codes[q] & 255) >= dec_n || (b.codes[q] >> 8) >= dec_n || b.codes[q] < 0)
+      return ffi::Error::InvalidArgument("lowbit_step: bucket code out of range");
+  return ffi::Error::Success();
+}
+
+ffi::Error LowbitStep(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> p,
+                      ffi::Buffer<ffi::F32> scalars, ffi::Buffer<ffi::U8> codes0,
+                      ffi::Buffer<ffi::F32> absmax0, ffi::Buffer<ffi::F32> dec0,
+                      ffi::Buffer<ffi::F32> thr0, ffi::Buffer<ffi::S32> bucket_codes0,
+                      ffi::Buffer<ffi::U8> codes1, ffi::Buffer<ffi::F32> absmax1,
+                      ffi::Buffer<ffi::F32> dec1, ffi::Buffer<ffi::F32> thr1,
+                      ffi::Buffer<ffi::S32> bucket_codes1, ffi::ResultBuffer<ffi::F32> out,
+                      ffi::ResultBuffer<ffi::U8> out_codes0,
+                      ffi::ResultBuffer<ffi::F32> out_absmax0,
+                      ffi::ResultBuffer<ffi::U8> out_codes1,
+                      ffi::ResultBuffer<ffi::F32> out_absmax1, int64_t algo, int64_t flags,
+                      int64_t block_size, int64_t bits, int64_t shift0, int64_t q00,
+                      int64_t buckets0, int64_t half0, int64_t shift1, int64_t q01,
+                      int64_t buckets1, int64_t half1) {
+  const int64_t n = g.element_count();
+  const int n_moments = algo == kAdam ? 2 : 1;
+  if (algo < kAdam || algo > kSgd) return ffi::Error::InvalidArgument("lowbit_step: bad algo");
+  if (bits != 8 && bits != 4) return ffi::Error::InvalidArgument("lowbit_step: bits not 4/8");
+  if (block_size < 2 || n % block_size || (bits == 4 && block_size % 2))
+    return ffi::Error::InvalidArgument("lowbit_step: elements not whole blocks");
+  if (scalars.element_count() != kNumSlots)
+    return ffi::Error::InvalidArgument("lowbit_step: wrong number of scalars");
+  const bool needs_p = (flags & (kWeightDecay | kApply)) != 0;
+  if (needs_p && static_cast<int64_t>(p.element_count()) != n)
+    return ffi::Error::InvalidArgument("lowbit_step: parameter size differs from gradient");
+  if (static_cast<int64_t>(out->element_count()) != n)
+    return ffi::Error::InvalidArgument("lowbit_step: output size differs from gradient");
+
+  Step st{algo, flags, block_size, static_cast<int>(bits), n_moments, g.typed_data(),
+          needs_p ? p.typed_data() : nullptr, out->typed_data(), scalars.typed_data(), {}};
+  const int64_t nblocks = n / block_size, code_bytes = bits == 8 ? n : n / 2;
+  ffi::Buffer<ffi::U8>* codes[2] = {&codes0, &codes1};
+  ffi::Buffer<ffi::F32>* absmax[2] = {&absmax0, &absmax1};
+  ffi::Buffer<ffi::F32>* dec[2] = {&dec0, &dec1};
+  ffi::Buffer<ffi::F32>* thr[2] = {&thr0, &thr1};
+  ffi::Buffer<ffi::S32>* bcodes[2] = {&bucket_codes0, &bucket_codes1};
+  ffi::ResultBuffer<ffi::U8>* ocodes[2] = {&out_codes0, &out_codes1};
+  ffi::ResultBuffer<ffi::F32>* oabs[2] = {&out_absmax0, &out_absmax1};
+  const int64_t shift[2] = {shift0, shift1}, q0[2] = {q00, q01}, nbk[2] = {buckets0, buckets1},
+                half[2] = {half0, half1};
+  for (int k = 0; k < n_moments; k++) {
+    if (static_cast<int64_t>(codes[k]->element_count()) != code_bytes ||
+        static_cast<int64_t>((*ocodes[k])->element_count()) != code_bytes ||
+        static_cast<int64_t>(absmax[k]->element_count()) != nblocks ||
+        static_cast<int64_t>((*oabs[k])->element_count()) != nblocks)
+      return ffi::Error::InvalidArgument("lowbit_step: codes or absmax size does not match");
+    Book b{dec[k]->typed_data(), thr[k]->typed_data(), bcodes[k]->typed_data(),
+           static_cast<int32_t>(shift[k]), static_cast<int32_t>(q0[k]),
+           static_cast<int32_t>(nbk[k]), static_cast<int32_t>(half[k])};
+    ffi::Error e = check_book(b, dec[k]->element_count(), thr[k]->element_count(),
+                              bcodes[k]->element_count());
+    if (e.failure()) return e;
+    if (bits == 4 && dec[k]->element_count() > 16)
+      return ffi::Error::InvalidArgument("lowbit_step: 4-bit codes need <= 16 values");
+    st.mom[k] = Moment{codes[k]->typed_data(), absmax[k]->typed_data(),
+                       (*ocodes[k])->typed_data(), (*oabs[k])->typed_data(), b};
+  }
+  // Chunks of at most 64K elements, and at least 4 per thread when the leaf allows chunks of
+  // 4K elements or more: leaves run one after another, so each must use every thread.
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t min_grain = std::max<int64_t>(1, 4096 / block_size);
+  const int64_t grain = std::max(min_grain, std::min(std::max<int64_t>(1, 65536 / block_size),
+                                                     nblocks / (4 * threads)));
+  parallel_for(pool, nblocks, grain, [&st](int64_t lo, int64_t hi) { run_blocks(st, lo, hi); });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EffjaxLowbitStep, LowbitStep,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // g
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // p (empty if unused)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // scalars
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // moment 0: codes
+                                  .Arg<ffi::Buffer<ffi::F32>>()  //   absmax
+                                  .Arg<ffi::Buffer<ffi::F32>>()  //   decode table
+                                  .Arg<ffi::Buffer<ffi::F32>>()  //   bucket thresholds
+                                  .Arg<ffi::Buffer<ffi::S32>>()  //   bucket codes lo|hi<<8
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // moment 1 (empty: none)
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // update or new parameter
+                                  .Ret<ffi::Buffer<ffi::U8>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::U8>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("algo")
+                                  .Attr<int64_t>("flags")
+                                  .Attr<int64_t>("block_size")
+                                  .Attr<int64_t>("bits")
+                                  .Attr<int64_t>("shift0")
+                                  .Attr<int64_t>("q00")
+                                  .Attr<int64_t>("buckets0")
+                                  .Attr<int64_t>("half0")
+                                  .Attr<int64_t>("shift1")
+                                  .Attr<int64_t>("q01")
+                                  .Attr<int64_t>("buckets1")
+                                  .Attr<int64_t>("half1"));
