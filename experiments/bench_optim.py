@@ -8,9 +8,12 @@ reference it also times the CPU peers on the same shapes: torch's fp32 AdamW, bi
 ``AdamW8bit`` (native CPU kernel) and torchao's ``AdamW8bit`` / ``AdamW4bit`` (torch.compile),
 each as a ratio to torch's AdamW. GaLore and Fira (rank: ``galore_rank``) are timed on steps
 without a projector refresh: their SVD runs once every 200 steps, here on the untimed first step.
-``adamw_8bit`` is the default path (on a single-device CPU: the chunked fused step for 8-bit
-leaves of 4M elements and more, the unfused step below that); ``adamw_8bit (unfused)`` forces
-the unfused jnp step (``use_kernel=False``) everywhere.
+``adamw_8bit`` is the default path (on a single-device CPU: the native C++ fused step,
+``pallas_kernels/native_cpu.py``, for every quantized float32 leaf whose blocks are whole rows),
+timed as ``update`` + ``optax.apply_updates``; ``adamw_8bit (fused_apply)`` is the same
+optimizer through ``effjax.optim.fused_apply``, where the kernel writes the parameters itself
+(no update array goes through memory); ``adamw_8bit (unfused)`` forces the unfused jnp step
+(``use_kernel=False``) everywhere.
 
 Run:  python -m experiments.bench_optim            (full, ~10 min on 2 CPU cores)
       python -m experiments.bench_optim --quick    (tiny tree, seconds; run by the tests)
@@ -25,6 +28,7 @@ import json
 import os
 import platform
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -79,12 +83,19 @@ def einsum_row_axes(params):
         else None, params)
 
 
+class FusedApply(NamedTuple):
+    """An optimizer timed through ``effjax.optim.fused_apply`` (one call for update + apply)."""
+
+    opt: optax.GradientTransformation
+
+
 def optimizers(d_model=None):
     lr = 1e-3
     rank = galore_rank(d_model)
     return {
         "optax.adamw": optax.adamw(lr),
         "adamw_8bit": optim.adamw_8bit(lr),
+        "adamw_8bit (fused_apply)": FusedApply(optim.adamw_8bit(lr)),
         "adamw_8bit (unfused)": optim.adamw_8bit(lr, use_kernel=False),
         "adamw_4bit": optim.adamw_4bit(lr),
         "lion_8bit": optim.lion_8bit(lr),
@@ -102,8 +113,14 @@ def optimizers(d_model=None):
 def jax_stepper(opt, params, grads):
     """A compiled step of ``opt`` (params and state donated) and its state bytes: returns
     ``(one_step, nbytes)``, ``one_step()`` running one synchronised step and returning seconds."""
+    fused = None
+    if isinstance(opt, FusedApply):
+        opt, fused = opt.opt, optim.fused_apply(opt.opt)
+
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def step(p, s, g):
+        if fused is not None:
+            return fused(g, s, p)
         u, s = opt.update(g, s, p)
         return optax.apply_updates(p, u), s
 

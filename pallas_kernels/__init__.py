@@ -1,3 +1,4 @@
-"""pallas_kernels: fused Pallas kernels for effjax's hot paths (block-wise quantization and
-low-bit optimizer updates), each with a pure-jnp reference. Kernels land with issue 6; until
-then effjax runs its jnp paths everywhere."""
+"""pallas_kernels: fused kernels for effjax's hot paths (block-wise quantization and low-bit
+optimizer updates), each with a pure-jnp reference: Pallas kernels (compiled with Triton on
+NVIDIA GPUs, interpreted on CPU for tests) and, for CPUs, a native C++ optimizer step called
+through XLA's FFI (:mod:`pallas_kernels.native_cpu`)."""

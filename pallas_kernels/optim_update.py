@@ -50,10 +50,13 @@ Many leaves: :func:`fused_lowbit` launches one kernel per quantized leaf. Measur
 more than the launches save), one leaf of the same size 1.70 ms. A flat state layout could
 approach the last figure but would change the state pytree (checkpoints), so it is not done.
 
-CPU: Pallas only interprets there, so :func:`fused_update_chunked` is the fused step in plain
-jnp (the rule on the whole leaf for the update, a loop over cache-sized chunks for the
-requantization); ``effjax.optim`` uses it by default on single-device CPUs for large 8-bit
-leaves (:func:`chunk_pays`).
+CPU: Pallas only interprets there. ``effjax.optim``'s default on single-device CPUs is the
+native C++ step (:mod:`pallas_kernels.native_cpu`, an XLA FFI call with this module's rules,
+compiled on first use) for float32 leaves whose blocks are whole rows; where it cannot build,
+and for the leaves it does not take, :func:`fused_update_chunked` (the fused step in plain jnp:
+the rule on the whole leaf for the update, a loop over cache-sized chunks for the
+requantization) runs on large 8-bit leaves (:func:`chunk_pays`), the unfused jnp step on the
+rest.
 
 Leaves below ``min_quantized_size`` (float32 state) and all counters are left to the jnp
 transform: :func:`fused_lowbit` runs the jnp update and substitutes the kernel's results for the

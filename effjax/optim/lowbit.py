@@ -19,10 +19,12 @@ fused (dequantize, update, requantize in one pass over each block):
   hardware (``pallas_kernels.optim_update.VALIDATED_BACKENDS``: NVIDIA GPUs, checked on an
   H100 with Triton; use :func:`fused_apply` there, so that the kernel also writes the
   parameters: 0.75x ``optax.adamw``'s step time, vs 1.16x for ``update`` + ``apply_updates``,
-  ``experiments/README.md``); on a CPU, the chunked jnp step (``fused_update_chunked``) for
-  8-bit leaves of at least 4M elements, where it measured 1.8x faster than the unfused step
-  (smaller leaves and 4-bit leaves keep the unfused step, which is faster there); elsewhere,
-  and with several devices, the unfused jnp step (XLA cannot partition a kernel call over
+  ``experiments/README.md``); on a CPU, the native C++ step
+  (:mod:`pallas_kernels.native_cpu`, compiled on first use; ``EFFJAX_NATIVE=0`` switches it
+  off) for float32 leaves whose blocks are whole rows, and for other leaves (or without a C++
+  compiler) the chunked jnp step (``fused_update_chunked``) on 8-bit leaves of at least 4M
+  elements and the unfused step on the rest; elsewhere, and with several devices, the
+  unfused jnp step (XLA cannot partition a kernel call over
   sharded leaves, it would gather them; ``use_kernel=True`` forces the kernel, e.g. inside
   ``shard_map``, untested).
 * ``use_kernel=True``: the Pallas kernel (interpret mode on CPU: slow, for testing).
@@ -31,9 +33,13 @@ fused (dequantize, update, requantize in one pass over each block):
 All paths have the same state pytree (a checkpoint from one continues on another). The chunked
 step runs the unfused step's expressions; its states and updates equal the unfused step's bit for
 bit in the tests (an FMA contracted differently could still move a code by one step).
-On CPU, ``lion_8bit`` and ``sgd_8bit`` give bit-identical results on every path; the Adam
-family's updates (and, through the kernel, its codes) can differ by an ulp or two of float32:
-XLA contracts multiply-adds into FMAs depending on how it fuses the graph (see
+The native CPU step rounds every product and sum as written (no FMA) and equals a numpy
+float32 reference bit for bit; against the jnp path (where XLA contracts some multiply-adds)
+its moments can sit an ulp apart, so a code can flip at a midpoint now and then (measured: 1
+code in 8192 after 3 Adam steps; updates within 3e-7 of the largest). Between the jnp paths,
+on CPU, ``lion_8bit`` and ``sgd_8bit`` give bit-identical results; the Adam family's updates
+(and, through the kernel, its codes) can differ by an ulp or two of float32: XLA contracts
+multiply-adds into FMAs depending on how it fuses the graph (see
 :mod:`pallas_kernels.optim_update`). On a GPU the compiled kernel and XLA round differently
 now and then (measured on an H100: up to 0.0015% of codes after one step, bf16 updates within
 2 bf16 ulps). The other aliases have no fused step:
