@@ -61,8 +61,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from effjax.quant import QuantizedArray, block_layout
+from effjax.quant import QuantizedArray
 from pallas_kernels import blockwise as bw
+from pallas_kernels.optim_update import _chunk_view
 
 __all__ = ["available", "unavailable_reason", "supports", "lowbit_step", "library_path"]
 
@@ -77,14 +78,13 @@ _SLOTS = ("c1", "b1", "c2", "b2", "bc1", "bc2", "bc1_next", "eps_root", "eps", "
 
 
 def _cpu_fingerprint() -> str:
+    """The CPU's feature flags (``-march=native`` builds differ per CPU), else its name."""
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return line
+            flags = [line for line in f if line.startswith("flags")]
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        flags = []
+    return flags[0] if flags else (platform.processor() or platform.machine())
 
 
 def _compiler() -> str | None:
@@ -175,16 +175,14 @@ def supports(g, p, moments) -> bool:
         return False  # the rule would run in the moments' dtype
     if q0.bits == 4 and any(len(q.codebook) > 16 for q in moments):
         return False
-    _, length = block_layout(tuple(g.shape), q0.block_size)
-    if length % q0.block_size:
-        return False
-    return q0.bits == 8 or (q0.block_size % 2 == 0 and g.shape[-1] % 2 == 0)
+    # The chunked step's condition: blocks are rows of a free 2-D view of the leaf.
+    return _chunk_view(tuple(g.shape), q0.block_size, q0.bits) is not None
 
 
 @functools.cache
 def _tables(values: tuple[float, ...]):
     (vals, thresholds, codes), (shift, q0, buckets, half, _) = bw.lookup_tables(values)
-    return (vals[: len(values)], thresholds, codes.astype(np.int32)), (shift, q0, buckets, half)
+    return (vals[: len(values)], thresholds, codes), (shift, q0, buckets, half)
 
 
 def _scalars(algo: str, s: dict) -> jax.Array:
@@ -259,7 +257,7 @@ def lowbit_step(algo: str, g, p, moments, scalars: dict, *, apply: bool = False,
             out_types += [jax.ShapeDtypeStruct(q.codes.shape, jnp.uint8),
                           jax.ShapeDtypeStruct(q.absmax.shape, jnp.float32)]
         else:
-            args += [empty_u8, empty_f, empty_f[:0], empty_f, empty_i]
+            args += [empty_u8, empty_f, empty_f, empty_f, empty_i]
             out_types += [jax.ShapeDtypeStruct((0,), jnp.uint8),
                           jax.ShapeDtypeStruct((0,), jnp.float32)]
             shift, qq, buckets, half = 0, 0, 1, 1

@@ -539,6 +539,8 @@ def fused_lowbit(jnp_tx: optax.GradientTransformationExtraArgs, spec: FusedSpec,
     """
     if native:
         from pallas_kernels import native_cpu
+
+        chunked = True  # the fallback for the leaves the native kernel does not take
     rule, n_mom = _RULES[spec.algo]
 
     def step(updates, state, params=None, apply=False, **extra):

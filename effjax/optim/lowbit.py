@@ -93,8 +93,7 @@ def _q(inner, cfg, block_size, min_quantized_size, *, name, use_kernel=None, fus
     if path is None:
         return tx
     return optim_update.fused_lowbit(tx, optim_update.FusedSpec(**fused),
-                                     chunked=path in ("chunked", "native"),
-                                     native=path == "native")
+                                     chunked=path == "chunked", native=path == "native")
 
 
 def _adam_spec(b1, b2, eps, eps_root, nesterov=False, learning_rate=None, weight_decay=None,

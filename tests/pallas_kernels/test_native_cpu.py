@@ -176,6 +176,26 @@ def test_bad_leaves_are_refused_with_the_leaf_name():
     assert N.supports(g, p, (qm, qv)) and not N.supports(g, p.astype(jnp.bfloat16), (qm, qv))
 
 
+def test_a_code_past_a_short_codebook_is_loud_not_a_wild_read():
+    """A corrupted state: code 250 in an 8-bit codebook of 200 values decodes to NaN (the
+    kernel reads a 256-entry copy of the table), so that element's update is NaN and its moment
+    is stored as 0; the other elements' updates stay finite."""
+    book = tuple(np.linspace(-1.0, 1.0, 200).tolist())
+    m = Q.quantize_blockwise(jnp.linspace(-1.0, 1.0, 512).reshape(2, 256), codebook=book)
+    m = Q.QuantizedArray(codes=m.codes.at[0, 3].set(250), absmax=m.absmax, shape=m.shape,
+                         dtype=m.dtype, block_size=m.block_size, codebook=m.codebook,
+                         bits=m.bits)
+    g = jnp.ones((2, 256))
+    s = dict(decay=0.9, nesterov=False, lr=-0.1)
+    u, (m2,) = jax.jit(lambda g, m: N.lowbit_step("sgd", g, None, (m,), s))(g, m)
+    u = np.asarray(u)
+    assert np.isnan(u[0, 3]) and np.isfinite(np.delete(u.reshape(-1), 3)).all()
+    # stored as 0: this codebook has no 0, so its code is the value nearest 0 (+-1/199)
+    nearest0 = float(np.abs(np.asarray(book, np.float32)).min() * m2.absmax[0, 0])
+    assert abs(float(Q.dequantize_blockwise(m2)[0, 3])) == pytest.approx(nearest0, rel=1e-6)
+    assert np.isfinite(np.asarray(m2.absmax)).all()
+
+
 def test_switched_off_by_the_environment(monkeypatch):
     monkeypatch.setenv("EFFJAX_NATIVE", "0")
     N.available.cache_clear()
