@@ -98,6 +98,8 @@ def optimizers(d_model=None):
         "adamw_8bit (fused_apply)": FusedApply(optim.adamw_8bit(lr)),
         "adamw_8bit (unfused)": optim.adamw_8bit(lr, use_kernel=False),
         "adamw_4bit": optim.adamw_4bit(lr),
+        "adamw_8bit (bf16 scales)": optim.adamw_8bit(lr, scale_dtype=jnp.bfloat16),
+        "adamw_4bit (bf16 scales)": optim.adamw_4bit(lr, scale_dtype=jnp.bfloat16),
         "lion_8bit": optim.lion_8bit(lr),
         "sgd_8bit": optim.sgd_8bit(lr),
         "rmsprop_8bit": optim.rmsprop_8bit(lr),
@@ -112,7 +114,8 @@ def optimizers(d_model=None):
 
 def jax_stepper(opt, params, grads):
     """A compiled step of ``opt`` (params and state donated) and its state bytes: returns
-    ``(one_step, nbytes)``, ``one_step()`` running one synchronised step and returning seconds."""
+    ``(one_step, by_kind)``, ``one_step()`` running one synchronised step and returning
+    seconds, ``by_kind`` the state's bytes by kind (``optim.state_bytes_breakdown``)."""
     fused = None
     if isinstance(opt, FusedApply):
         opt, fused = opt.opt, optim.fused_apply(opt.opt)
@@ -126,7 +129,7 @@ def jax_stepper(opt, params, grads):
 
     p = jax.tree.map(jnp.copy, params)
     s = opt.init(p)
-    nbytes = optim.state_bytes(s)
+    by_kind = optim.state_bytes_breakdown(s)
     state = list(step(p, s, grads))  # compile + first step
     jax.block_until_ready(state)
 
@@ -136,11 +139,11 @@ def jax_stepper(opt, params, grads):
         jax.block_until_ready(state)
         return time.perf_counter() - t0
 
-    return one_step, nbytes
+    return one_step, by_kind
 
 
 def time_interleaved(opts, params, grads, reps):
-    """Median step seconds and state bytes of every optimizer in ``opts``; the optimizers
+    """Median step seconds and state bytes by kind of every optimizer in ``opts``; the optimizers
     step in turn (one step each, ``reps`` rounds) so that load drift on a shared machine hits
     them alike."""
     steppers = {name: jax_stepper(opt, params, grads) for name, opt in opts.items()}
@@ -201,10 +204,12 @@ def run(sizes, reps, peers=True):
         grads = jax.tree.map(lambda x: x * 0.01 + 1e-4, params)
         timed = time_interleaved(optimizers(d), params, grads, reps)
         base = timed["optax.adamw"][0]
-        for name, (secs, nbytes) in timed.items():
+        for name, (secs, by_kind) in timed.items():
+            nbytes = sum(by_kind.values())
             rows.append(dict(size=str(size), params=n, optimizer=name, kind="jax",
                              bytes_per_param=nbytes / n, step_ms=secs * 1e3,
-                             ratio=secs / base))
+                             ratio=secs / base,
+                             by_kind={k: v / n for k, v in by_kind.items()}))
             print(f"{size:>5} {name:18s} {nbytes / n:6.3f} B/param  {secs * 1e3:9.2f} ms  "
                   f"{secs / base:5.2f}x adamw", flush=True)
         if peers:
@@ -232,6 +237,16 @@ def to_markdown(rows, meta):
         ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}x {base}"
         lines.append(f"| {r['size']} | {r['params']:,} | {r['optimizer']} | {bpp} | "
                      f"{r['step_ms']:.2f} | {ratio} |")
+    lines += ["", "State bytes per parameter by kind (low-bit rows; `float`: state leaves kept in "
+              "float32, tensors under `min_quantized_size` = 4096 elements):", "",
+              "| size | optimizer | codes | scales | float | other | total |",
+              "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        k = r.get("by_kind")
+        if r["kind"] != "jax" or not k or not k["codes"]:
+            continue
+        lines.append(f"| {r['size']} | {r['optimizer']} | {k['codes']:.4f} | {k['scales']:.4f} "
+                     f"| {k['float']:.4f} | {k['other']:.6f} | {r['bytes_per_param']:.4f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -524,7 +524,7 @@ def _dequantize_fwd_impl(codes, absmax, q: QuantizedArray, interp: bool, tile_el
         interpret=interp,
         compiler_params=compiler_params(interp),
         name="dequantize_blockwise",
-    )(codes_2d(qq, lay), absmax.reshape(lay.rows, lay.nblocks),
+    )(codes_2d(qq, lay), absmax.astype(jnp.float32).reshape(lay.rows, lay.nblocks),
       *[jnp.asarray(t) for t in cb.tables])
     return out.reshape(q.shape)
 

@@ -72,7 +72,7 @@ _TARGET = "effjax_lowbit_step"
 _FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-std=c++17",
           "-shared", "-fPIC")
 _ALGOS = {"adam": 0, "lion": 1, "sgd": 2}
-_WD, _NESTEROV, _APPLY = 1, 2, 4
+_WD, _NESTEROV, _APPLY, _BF16_SCALE = 1, 2, 4, 8
 # Slot order of the scalars buffer (lowbit_step.cc's enum Slot).
 _SLOTS = ("c1", "b1", "c2", "b2", "bc1", "bc2", "bc1_next", "eps_root", "eps", "wd", "lr")
 
@@ -162,7 +162,8 @@ def unavailable_reason() -> str | None:
 
 def supports(g, p, moments) -> bool:
     """Whether :func:`lowbit_step` takes this leaf: float32 gradient (and parameter), 4- or
-    8-bit moments of the same block size whose blocks are whole rows of the flattened leaf."""
+    8-bit moments of the same block size whose blocks are whole rows of the flattened leaf,
+    with float32 or (all) bfloat16 scales."""
     if jnp.dtype(g.dtype) != jnp.float32 or (p is not None and jnp.dtype(p.dtype) != jnp.float32):
         return False
     if not moments or not all(isinstance(q, QuantizedArray) for q in moments):
@@ -174,6 +175,9 @@ def supports(g, p, moments) -> bool:
     if any(jnp.dtype(q.dtype) != jnp.float32 for q in moments):
         return False  # the rule would run in the moments' dtype
     if q0.bits == 4 and any(len(q.codebook) > 16 for q in moments):
+        return False
+    if len({jnp.dtype(q.absmax.dtype) for q in moments} - {jnp.dtype(q0.absmax.dtype)}) or \
+            jnp.dtype(q0.absmax.dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
         return False
     # The chunked step's condition: blocks are rows of a free 2-D view of the leaf.
     return _chunk_view(tuple(g.shape), q0.block_size, q0.bits) is not None
@@ -239,6 +243,8 @@ def lowbit_step(algo: str, g, p, moments, scalars: dict, *, apply: bool = False,
     flags = (_WD if "wd" in scalars else 0) | (_NESTEROV if scalars.get("nesterov")
                                                 or "bc1_next" in scalars else 0)
     flags |= _APPLY if apply else 0
+    scale_dtype = jnp.dtype(q0.absmax.dtype)
+    flags |= _BF16_SCALE if scale_dtype == jnp.bfloat16 else 0
     if (flags & (_WD | _APPLY)) and p is None:
         raise ValueError(f"{name}: weight decay and apply need the parameter")
     empty_f, empty_u8, empty_i = (jnp.zeros((0,), t) for t in (jnp.float32, jnp.uint8,
@@ -252,7 +258,7 @@ def lowbit_step(algo: str, g, p, moments, scalars: dict, *, apply: bool = False,
         if k < n_mom:
             q = moments[k]
             (vals, thresholds, bcodes), (shift, qq, buckets, half) = _tables(q.codebook)
-            args += [q.codes, q.absmax, jnp.asarray(vals),
+            args += [q.codes, q.absmax.astype(jnp.float32), jnp.asarray(vals),
                      jnp.asarray(thresholds), jnp.asarray(bcodes)]
             out_types += [jax.ShapeDtypeStruct(q.codes.shape, jnp.uint8),
                           jax.ShapeDtypeStruct(q.absmax.shape, jnp.float32)]
@@ -276,7 +282,8 @@ def lowbit_step(algo: str, g, p, moments, scalars: dict, *, apply: bool = False,
     new = []
     for q, c, a in zip(moments, (c0, c1), (a0, a1)):
         new.append(QuantizedArray(codes=c.reshape(q.codes.shape),
-                                  absmax=a.reshape(q.absmax.shape), shape=q.shape,
+                                  absmax=a.reshape(q.absmax.shape).astype(scale_dtype),
+                                  shape=q.shape,
                                   dtype=q.dtype, block_size=q.block_size, codebook=q.codebook,
                                   bits=q.bits))
     return out.reshape(g.shape), tuple(new)

@@ -181,7 +181,8 @@ def fused_update_reference(rule, g, p, moments, scalars, *, name="<leaf>"):
     _check_leaf(g, p, moments, name)
     floats = tuple(dequantize_blockwise(q) for q in moments)
     u, new = rule(g, p, floats, scalars)
-    new_q = tuple(quantize_blockwise(_finite(m), codebook=q.codebook, block_size=q.block_size)
+    new_q = tuple(quantize_blockwise(_finite(m), codebook=q.codebook, block_size=q.block_size,
+                                     scale_dtype=q.absmax.dtype)
                   for m, q in zip(new, moments))
     return jnp.where(jnp.isfinite(g), u, jnp.zeros_like(u)), new_q
 
@@ -342,6 +343,9 @@ def fused_update(rule, g, p, moments, scalars, *, interpret: bool | None = None,
     _check_leaf(g, p, moments, name)
     if apply and p is None:
         raise ValueError(f"{name}: apply=True needs the parameter")
+    if any(jnp.dtype(q.absmax.dtype) != jnp.float32 for q in moments):
+        raise ValueError(f"{name}: the Pallas kernel stores float32 scales; got "
+                         f"{[str(q.absmax.dtype) for q in moments]} (use the jnp step)")
     q0 = moments[0]
     interp = bw.resolve_interpret(interpret)
     lay = bw.make_layout(g.shape, q0.block_size, q0.bits, interpret=interp,
@@ -614,6 +618,8 @@ def fused_lowbit(jnp_tx: optax.GradientTransformationExtraArgs, spec: FusedSpec,
                     continue  # the unfused jnp step's results
                 u, new = fused_update_chunked(rule, g, p, ms, leaf_s, name=leaf_name)
             else:
+                if any(jnp.dtype(q.absmax.dtype) != jnp.float32 for q in ms):
+                    continue  # bfloat16 scales: the unfused jnp step's results
                 u, new = fused_update(rule, g, p, ms, leaf_s, interpret=interpret,
                                       tile_elems=tile_elems, apply=apply, name=leaf_name)
                 if apply:

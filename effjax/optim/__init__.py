@@ -22,7 +22,7 @@ from effjax.optim.lowbit import (
     scale_by_adam_8bit,
     sgd_8bit,
 )
-from effjax.optim.memory import state_bytes
+from effjax.optim.memory import state_bytes, state_bytes_breakdown
 from effjax.optim.perp_grad import perp_grad, project_out_param_direction
 from effjax.optim.quantize_state import DEFAULT_UNSIGNED_FIELDS, quantize_state
 from effjax.optim.spam import scale_by_spam, spam
@@ -38,7 +38,7 @@ from effjax.optim.stable_spam import (
 )
 
 __all__ = [
-    "quantize_state", "DEFAULT_UNSIGNED_FIELDS", "state_bytes",
+    "quantize_state", "DEFAULT_UNSIGNED_FIELDS", "state_bytes", "state_bytes_breakdown",
     "scale_by_adam_8bit", "adam_8bit", "adamw_8bit", "lion_8bit", "sgd_8bit", "rmsprop_8bit",
     "adagrad_8bit", "ademamix_8bit", "adam_4bit", "adamw_4bit", "fused_apply",
     "perp_grad", "project_out_param_direction", "scale_by_inverse_param_norm",

@@ -8,6 +8,7 @@ from effjax.quant.blockwise import (
     block_layout,
     dequantize_blockwise,
     quantize_blockwise,
+    round_scale,
 )
 from effjax.quant.codebooks import (
     adam4bit_first_moment_codebook,
@@ -23,6 +24,7 @@ __all__ = [
     "block_layout",
     "dequantize_blockwise",
     "quantize_blockwise",
+    "round_scale",
     "adam4bit_first_moment_codebook",
     "adam4bit_second_moment_codebook",
     "dynamic_codebook",

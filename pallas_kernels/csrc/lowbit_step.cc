@@ -35,7 +35,9 @@ namespace ffi = xla::ffi;
 namespace {
 
 enum Algo : int64_t { kAdam = 0, kLion = 1, kSgd = 2 };
-enum Flag : int64_t { kWeightDecay = 1, kNesterov = 2, kApply = 4 };
+// kBf16Scale: scales are stored as bfloat16 (effjax.quant.round_scale): each block's absmax
+// is rounded up to the next bfloat16 (capped at the largest finite one) before the search.
+enum Flag : int64_t { kWeightDecay = 1, kNesterov = 2, kApply = 4, kBf16Scale = 8 };
 // Slots of the float32 `scalars` input, computed in Python with the reference's expressions.
 enum Slot { kC1, kB1, kC2, kB2, kBc1, kBc2, kBc1Next, kEpsRoot, kEps, kWd, kLr, kNumSlots };
 
@@ -52,6 +54,7 @@ struct Moment {
   uint8_t* out_codes;
   float* out_absmax;
   Book book;
+  bool bf16_scale;
 };
 
 inline int32_t bits_of(float x) {
@@ -89,6 +92,7 @@ void encode_block(const Moment& m, int64_t b, int64_t bs, int bits, const float*
                   int32_t* __restrict idx) {
   int32_t mx = 0;  // max |x| on the bit patterns: non-negative finite floats order as ints
   for (int64_t i = 0; i < bs; i++) mx = std::max(mx, bits_of(x[i]) & 0x7fffffff);
+  if (m.bf16_scale) mx = std::min((mx + 0xffff) & ~0xffff, 0x7f7f0000);  // finite: no overflow
   const float absmax = float_of(mx);
   m.out_absmax[b] = absmax;
   // 1/absmax is subnormal above 2**126: such blocks are pre-scaled by 2**-4 (as the reference).
@@ -287,7 +291,8 @@ ffi::Error LowbitStep(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer
     if (bits == 4 && dec[k]->element_count() > 16)
       return ffi::Error::InvalidArgument("lowbit_step: 4-bit codes need <= 16 values");
     st.mom[k] = Moment{codes[k]->typed_data(), absmax[k]->typed_data(),
-                       (*ocodes[k])->typed_data(), (*oabs[k])->typed_data(), b};
+                       (*ocodes[k])->typed_data(), (*oabs[k])->typed_data(), b,
+                       (flags & kBf16Scale) != 0};
   }
   // Chunks of at most 64K elements, and at least 4 per thread when the leaf allows chunks of
   // 4K elements or more: leaves run one after another, so each must use every thread.

@@ -27,3 +27,10 @@ def test_bench_optim_quick(tmp_path):
             < by_name["galore_adamw"]["bytes_per_param"] < 8.0)
     assert (by_name["fira_adamw+einsum"]["bytes_per_param"]
             < by_name["fira_adamw"]["bytes_per_param"])
+    # bfloat16 scales: the same codes and float32 small tensors, half the scale bytes
+    for bits in (8, 4):
+        f32, bf16 = (by_name[f"adamw_{bits}bit{s}"]["by_kind"] for s in ("", " (bf16 scales)"))
+        assert bf16["codes"] == f32["codes"] and bf16["float"] == f32["float"] > 0
+        assert abs(bf16["scales"] - f32["scales"] / 2) < 1e-12 and f32["scales"] > 0
+        assert abs(sum(f32.values()) - by_name[f"adamw_{bits}bit"]["bytes_per_param"]) < 1e-9
+    assert "| codes | scales |" in (tmp_path / "bench_optim_quick.md").read_text()

@@ -70,6 +70,7 @@ class Row(NamedTuple):
     unsigned: tuple  # ... on the unsigned (second-moment) map
     counts: int  # int32 counters in the state
     sim: bool = False  # also compared with the fake-quantization simulation
+    scale: Any = jnp.float32  # dtype of the stored block scales
 
 
 # Float references (shared by rows with the same optimizer). In the chain, eps=1e-3 makes Adam's
@@ -100,6 +101,12 @@ _ROWS = [
     Row("adam_4bit", lambda **k: eo.adam_4bit(LR, **k), "adam", 4, M, N, 1, True),
     Row("adamw_4bit", lambda **k: eo.adamw_4bit(LR, weight_decay=WD, **k), "adamw", 4, M, N, 1,
         True),
+    Row("adamw_8bit/bf16", lambda **k: eo.adamw_8bit(LR, weight_decay=WD,
+                                                     scale_dtype=jnp.bfloat16, **k), "adamw", 8,
+        M, N, 1, True, jnp.bfloat16),
+    Row("adamw_4bit/bf16", lambda **k: eo.adamw_4bit(LR, weight_decay=WD,
+                                                     scale_dtype=jnp.bfloat16, **k), "adamw", 4,
+        M, N, 1, True, jnp.bfloat16),
     Row("qs(adamw)", lambda **k: eo.quantize_state(optax.adamw(LR, weight_decay=WD), **k),
         "adamw", 8, M, N, 1),
     Row("qs(amsgrad)", lambda **k: eo.quantize_state(optax.amsgrad(LR), **k), "amsgrad", 8, M,
@@ -158,28 +165,35 @@ def test_first_update_equals_float_and_loss_tracks_float(name):
     assert (l0 - lq) >= (0.75 if ROWS[name].bits == 4 else 0.98) * (l0 - lf), (l0, lq, lf)
 
 
-def _fake_quant(x, codebook, block):
-    """Independent reference: round x * (1/absmax) to the nearest code (ties up), per block."""
+def _fake_quant(x, codebook, block, scale=jnp.float32):
+    """Independent reference: round x * (1/absmax) to the nearest code (ties up), per block.
+    bfloat16 scales: absmax replaced by the smallest bfloat16 not below it (round to nearest,
+    then one bfloat16 step up where that fell below)."""
     cb = np.sort(np.asarray(codebook, np.float32))
     mid = (cb[:-1].astype(np.float64) + cb[1:]) / 2  # exact midpoints; y >= mid rounds up
     thr = mid.astype(np.float32)
     thr[thr < mid] = np.nextafter(thr[thr < mid], np.float32(np.inf))
     xb = x.reshape(-1, block)  # all sizes here are multiples of the block: blocks = runs
     absmax = jnp.max(jnp.abs(xb), axis=1, keepdims=True)
+    if scale == jnp.bfloat16:
+        r = absmax.astype(jnp.bfloat16)
+        r = jnp.where(r.astype(jnp.float32) < absmax,
+                      jnp.nextafter(r, jnp.bfloat16(jnp.inf)), r)
+        absmax = r.astype(jnp.float32)
     y = xb * jnp.where(absmax > 0, 1.0 / absmax, 0.0)
     idx = jnp.searchsorted(jnp.asarray(thr), y, side="right")
     return (jnp.asarray(cb)[idx] * absmax).reshape(x.shape)
 
 
 @functools.cache
-def _simulated_run(ref, bits, signed, unsigned):
+def _simulated_run(ref, bits, signed, unsigned, scale=jnp.float32):
     """Float ``REFS[ref]`` whose large state leaves are replaced by fake-quantized values."""
     inner, block, maps = REFS[ref](), 256 if bits == 8 else 128, _maps(bits)
 
     def fq(path, x):
         if _field(path) not in signed + unsigned or x.size < 4096:
             return x
-        return _fake_quant(x, maps[_field(path) in unsigned], block)
+        return _fake_quant(x, maps[_field(path) in unsigned], block, scale)
 
     def update(g, s, p):
         u, s = inner.update(g, s, p)
@@ -191,7 +205,7 @@ def _simulated_run(ref, bits, signed, unsigned):
 def test_matches_fake_quantization_simulation(name):
     row = ROWS[name]
     (lq, _, pq, _), _ = _trajectories(name)
-    ls, _, ps, _ = _simulated_run(row.ref, row.bits, row.signed, row.unsigned)
+    ls, _, ps, _ = _simulated_run(row.ref, row.bits, row.signed, row.unsigned, row.scale)
     # Same float math and rounding rule, but compiled as different programs: a moment that lands
     # within an ulp of a midpoint between two codes can round the other way (seen once in 30
     # steps: an exact tie, 1 ulp apart); that parameter's column then drifts by ~1e-3 (17 of
@@ -236,7 +250,7 @@ def test_state_layout_and_bytes(name):
             seen.add((field, key))
             codes_shape, absmax_shape = _LAYOUT[row.bits][key]
             assert leaf.codes.dtype == jnp.uint8 and leaf.codes.shape == codes_shape, where
-            assert leaf.absmax.dtype == jnp.float32 and leaf.absmax.shape == absmax_shape, where
+            assert leaf.absmax.dtype == row.scale and leaf.absmax.shape == absmax_shape, where
             assert (leaf.bits, leaf.block_size) == (row.bits, 256 if row.bits == 8 else 128)
             assert leaf.shape == SHAPES[key] and leaf.dtype == jnp.float32
             np.testing.assert_array_equal(np.asarray(leaf.codebook, np.float32),
@@ -247,7 +261,8 @@ def test_state_layout_and_bytes(name):
     assert seen == {(f, k) for f in fields for k in ("w", "e")}
     # state_bytes by hand: per quantized field 2 x (8192 codes (4 bits: 4096 bytes) + absmax
     # floats) + the float32 bias state (16 x 4); int32 counters 4 bytes each.
-    per_field = (2 * (8192 + 32 * 4) if row.bits == 8 else 2 * 4096 + (64 + 64) * 4) + 16 * 4
+    sb = jnp.dtype(row.scale).itemsize  # 4, or 2 for bfloat16 scales
+    per_field = (2 * (8192 + 32 * sb) if row.bits == 8 else 2 * 4096 + (64 + 64) * sb) + 16 * 4
     assert eo.state_bytes(state) == len(fields) * per_field + 4 * row.counts
 
 
@@ -408,7 +423,8 @@ def test_nonfinite_gradient_in_float_leaf():
 
 # 6. Sharding ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("factory", [eo.adamw_8bit, eo.adamw_4bit], ids=["8bit", "4bit"])
+@pytest.mark.parametrize("factory", [eo.adamw_8bit, eo.adamw_4bit, functools.partial(
+    eo.adamw_8bit, scale_dtype=jnp.bfloat16)], ids=["8bit", "4bit", "8bit/bf16"])
 def test_sharded_update_keeps_parameter_sharding(factory):
     assert jax.device_count() >= 8, "tests/conftest.py sets 8 CPU devices"
     mesh = jax.make_mesh((2, 4), ("data", "model"),
@@ -452,7 +468,7 @@ def _train(update, p, s, steps):
     return p, s
 
 
-@pytest.mark.parametrize("name", ["adamw_8bit", "adamw_4bit"])
+@pytest.mark.parametrize("name", ["adamw_8bit", "adamw_4bit", "adamw_8bit/bf16"])
 def test_orbax_roundtrip_and_resume(name, tmp_path):
     opt = _adamw8 if name == "adamw_8bit" else ROWS[name].low()
     update = _adamw8_update if name == "adamw_8bit" else jit(opt.update)

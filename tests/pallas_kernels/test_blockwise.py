@@ -77,6 +77,15 @@ def test_jit_and_kernel_inside_jit():
     np.testing.assert_array_equal(np.asarray(f(x)), np.asarray(want))
 
 
+def test_dequantize_reads_bfloat16_scales_like_reference():
+    cb = Q.nf4_codebook()
+    q = Q.quantize_blockwise(_data((4, 300), jnp.float32, False, seed=4), codebook=cb,
+                             block_size=64, scale_dtype=jnp.bfloat16)
+    assert q.absmax.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(B.dequantize_blockwise(q, interpret=True)),
+                                  np.asarray(Q.dequantize_blockwise(q)))
+
+
 def test_dequantize_custom_vjp_equals_reference_grad():
     cb = Q.dynamic_codebook()
     q = Q.quantize_blockwise(_data((3, 300), jnp.float32, False, seed=5), codebook=cb,

@@ -10,6 +10,7 @@ state and updates agree to float32 rounding.
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import optax
 import pytest
@@ -40,10 +41,22 @@ def _nearest(y, values):
     return cand.argmax(axis=1).reshape(y.shape)
 
 
-def _quantize(x, values, bs):
+def _bf16_up(a):
+    """The smallest bfloat16 >= a (a finite, >= 0), capped at the largest finite bfloat16:
+    ml_dtypes' round-to-nearest, then one step up the bfloat16 grid where it fell below."""
+    r = a.astype(ml_dtypes.bfloat16)
+    bits = r.view(np.uint16) + (r.astype(f32) < a).astype(np.uint16)
+    out = bits.view(ml_dtypes.bfloat16).astype(f32)
+    big = f32(ml_dtypes.finfo(ml_dtypes.bfloat16).max)
+    return np.where(np.isinf(out), big, out).astype(f32)
+
+
+def _quantize(x, values, bs, bf16_scale=False):
     """quantize_blockwise of finite x: (codes in the codebook's order, absmax)."""
     xb = x.reshape(-1, bs)
     absmax = np.abs(xb).max(axis=1).astype(f32)
+    if bf16_scale:
+        absmax = _bf16_up(absmax)
     pre = np.where(absmax >= f32(2.0**125), f32(2.0**-4), f32(1.0)).astype(f32)
     with np.errstate(divide="ignore"):
         inv = np.where(absmax > 0, f32(1) / (absmax * pre), f32(0)).astype(f32)
@@ -55,7 +68,7 @@ def _finite(x):
     return np.where(np.isfinite(x), x, f32(0)).astype(f32)
 
 
-def _reference(algo, g, p, moms, s, apply):
+def _reference(algo, g, p, moms, s, apply, bf16_scale=False):
     """moms: list of (codes as int indices of full shape, absmax per block, values, bs)."""
     old = [(np.asarray(vals, f32)[c].reshape(-1, bs) * a[:, None]).reshape(g.shape)
            for c, a, vals, bs in moms]
@@ -83,7 +96,8 @@ def _reference(algo, g, p, moms, s, apply):
         u = f32(s["lr"]) * u
         u = np.where(np.isfinite(g), u, f32(0)).astype(f32)
         out = p + u if apply else u
-    q = [_quantize(_finite(x.astype(f32)), vals, bs) for x, (_, _, vals, bs) in zip(new, moms)]
+    q = [_quantize(_finite(x.astype(f32)), vals, bs, bf16_scale)
+         for x, (_, _, vals, bs) in zip(new, moms)]
     return out.astype(f32), q
 
 
@@ -106,7 +120,7 @@ CASES = [  # (algo, scalars, apply)
 ]
 
 
-def _leaf(bits, shape, seed):
+def _leaf(bits, shape, seed, scale_dtype=jnp.float32):
     """Gradient, parameter and moments with the edge cases: a NaN and an inf gradient, an
     all-zero block, and a block whose absmax is above 2**125 (the pre-scaled 1/absmax)."""
     cb_m, cb_v, bs = BOOKS[bits]
@@ -120,8 +134,8 @@ def _leaf(bits, shape, seed):
     m.reshape(-1)[2 * bs: 3 * bs] = 0.0
     v.reshape(-1)[2 * bs: 3 * bs] = 0.0
     m.reshape(-1)[4 * bs + 1] = 3e38  # absmax above 2**125 in block 4
-    qm = Q.quantize_blockwise(m, codebook=cb_m, block_size=bs)
-    qv = Q.quantize_blockwise(v, codebook=cb_v, block_size=bs)
+    qm = Q.quantize_blockwise(m, codebook=cb_m, block_size=bs, scale_dtype=scale_dtype)
+    qv = Q.quantize_blockwise(v, codebook=cb_v, block_size=bs, scale_dtype=scale_dtype)
     return g, p, qm, qv
 
 
@@ -133,22 +147,25 @@ def _as_ref(q):
         q.block_size
 
 
+@pytest.mark.parametrize("scale_dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("algo,s,apply", CASES)
-def test_kernel_equals_numpy_reference(bits, algo, s, apply):
+def test_kernel_equals_numpy_reference(bits, algo, s, apply, scale_dtype):
     shape = (6, 1024) if bits == 8 else (3, 2, 512)
-    g, p, qm, qv = _leaf(bits, shape, seed=bits)
+    g, p, qm, qv = _leaf(bits, shape, seed=bits, scale_dtype=scale_dtype)
     moms = (qm, qv) if algo == "adam" else (qm,)
     scal = {k: (jnp.float32(v) if k.startswith("bc") else v) for k, v in s.items()}
     uses_p = apply or "wd" in s
     out, new = jax.jit(lambda g, p, ms: N.lowbit_step(algo, g, p, ms, scal, apply=apply))(
         g, p if uses_p else None, moms)
-    ref_out, ref_new = _reference(algo, g, p, [_as_ref(q) for q in moms], s, apply)
+    bf16 = scale_dtype == jnp.bfloat16
+    ref_out, ref_new = _reference(algo, g, p, [_as_ref(q) for q in moms], s, apply, bf16)
     np.testing.assert_array_equal(np.asarray(out), ref_out)
     for q, (codes, absmax) in zip(new, ref_new):
         assert q.codes.shape == moms[0].codes.shape and q.absmax.shape == moms[0].absmax.shape
+        assert q.absmax.dtype == scale_dtype
         np.testing.assert_array_equal(_as_ref(q)[0], codes)
-        np.testing.assert_array_equal(np.asarray(q.absmax).reshape(-1), absmax)
+        np.testing.assert_array_equal(np.asarray(q.absmax, f32).reshape(-1), absmax)
     # The edge cases did happen: the non-finite gradients got no update, block 2 stayed zero,
     # block 4's first moment is above 2**125 (the pre-scaled reciprocal).
     flat = np.asarray(out).reshape(-1)
@@ -222,6 +239,9 @@ def test_auto_is_the_native_kernel_on_single_device_cpu(one_device):
     jaxpr = str(jax.make_jaxpr(O.adamw_8bit(1e-3, min_quantized_size=1000).update)(
         params, O.adamw_8bit(1e-3, min_quantized_size=1000).init(params), params))
     assert jaxpr.count("effjax_lowbit_step") == 1  # "w" only; "b" keeps float32 state
+    opt = O.adamw_8bit(1e-3, min_quantized_size=1000, scale_dtype=jnp.bfloat16)
+    jaxpr = str(jax.make_jaxpr(opt.update)(params, opt.init(params), params))
+    assert jaxpr.count("effjax_lowbit_step") == 1  # bfloat16 scales too
 
 
 # ------------------------------------------------------------------ through the optimizers
@@ -270,22 +290,34 @@ def _close(y, x, atol):
     assert np.abs(y - x).max() <= 0.1 * np.abs(x).max()
 
 
-@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+NATIVE_OPTIMIZERS = dict(OPTIMIZERS, **{  # plus bfloat16 scales (effjax.quant.round_scale)
+    "adamw_8bit/bf16": lambda uk: O.adamw_8bit(1e-2, weight_decay=0.1, use_kernel=uk,
+                                               min_quantized_size=1000,
+                                               scale_dtype=jnp.bfloat16),
+    "adamw_4bit/bf16": lambda uk: O.adamw_4bit(1e-2, use_kernel=uk, min_quantized_size=1000,
+                                               scale_dtype=jnp.bfloat16),
+})
+
+
+@pytest.mark.parametrize("name", sorted(NATIVE_OPTIMIZERS))
 def test_optimizers_native_close_to_unfused_path(name, one_device):
     """Three steps, native (auto; ``update`` + ``apply_updates`` and ``fused_apply``) vs the
     unfused jnp path from the same start. The paths round multiply-adds differently (XLA
     contracts some into FMAs), so moments can sit an ulp apart and a code may then flip at a
     midpoint, which later steps inherit. Measured here: at most 1 code in 8192 and updates
     within 3e-7 of the largest (Adam); the bounds below leave room for other BLAS/CPU."""
-    mk = OPTIMIZERS[name]
+    mk = NATIVE_OPTIMIZERS[name]
     u0, s0, p0 = _run(mk(False), 3)
     for fused in (False, True):
         u1, s1, p1 = _run(mk(None), 3, fused=fused)
         assert jax.tree.structure(s0) == jax.tree.structure(s1)
         for a, b in zip(_quantized(s0), _quantized(s1)):
             assert (a.shape, a.dtype, a.codes.shape) == (b.shape, b.dtype, b.codes.shape)
+            assert a.absmax.dtype == b.absmax.dtype == (
+                jnp.bfloat16 if name.endswith("bf16") else jnp.float32)
             assert np.mean(np.asarray(a.codes) != np.asarray(b.codes)) <= 1e-3
-            np.testing.assert_allclose(np.asarray(b.absmax), np.asarray(a.absmax), rtol=1e-5)
+            np.testing.assert_allclose(np.asarray(b.absmax, np.float32),
+                                       np.asarray(a.absmax, np.float32), rtol=1e-5)
         for k in PARAMS:
             umax = float(np.abs(np.asarray(u0[k], np.float32)).max())
             assert umax > 0

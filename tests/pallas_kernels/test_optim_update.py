@@ -144,3 +144,19 @@ def test_bad_leaf_names_its_path():
     with pytest.raises(TypeError, match="int32"):
         K.fused_update(K.sgd_rule, jnp.zeros((4, 256), jnp.int32), None, (q,),
                        dict(decay=0.9), interpret=True)
+
+
+def test_bfloat16_scales_keep_the_jnp_step_under_the_pallas_kernel():
+    """The Pallas kernel stores float32 scales: it refuses bfloat16-scale moments by leaf name,
+    and ``use_kernel=True`` runs such leaves on the jnp step (same results as
+    ``use_kernel=False``, bit for bit)."""
+    g = jnp.linspace(-1.0, 1.0, 512)
+    m = Q.quantize_blockwise(g, codebook=S8, block_size=256, scale_dtype=jnp.bfloat16)
+    with pytest.raises(ValueError, match=r"\['w'\].*float32 scales"):
+        K.fused_update(K.sgd_rule, g, None, (m,), {"decay": 0.9, "lr": -0.1},
+                       name="['w']")
+    params = {"w": jnp.zeros((4, 1024))}
+    runs = [_run(O.lion_8bit(1e-3, use_kernel=uk, scale_dtype=jnp.bfloat16), 2, params=params)
+            for uk in (True, False)]
+    assert runs[0][1][0].mu["w"].absmax.dtype == jnp.bfloat16
+    jax.tree.map(np.testing.assert_array_equal, runs[0], runs[1])

@@ -385,7 +385,102 @@ def test_huge_block_absmax_is_not_flushed_to_zero():
     np.testing.assert_allclose(out, np.asarray(x), rtol=0.03)
 
 
-# ------------------------------------------------------- 7. the two lookup strategies agree
+# ------------------------------------------------------------------- 7. bfloat16 scales
+def _bf16_neighbours(a):
+    """For float32 a >= 0: (the largest bfloat16 < a, the smallest bfloat16 >= a) as float32,
+    found from ml_dtypes' round-to-nearest conversion and one step along the bf16 grid."""
+    import ml_dtypes
+
+    a = np.asarray(a, np.float32)
+    r = a.astype(ml_dtypes.bfloat16)
+    bits = r.view(np.uint16).astype(np.int64)
+    r32 = r.astype(np.float32)
+    up = np.where(r32 >= a, bits, bits + 1)
+    below = (up - 1).clip(0).astype(np.uint16).view(ml_dtypes.bfloat16).astype(np.float32)
+    return np.where(up > 0, below, -np.inf), up.astype(np.uint16).view(
+        ml_dtypes.bfloat16).astype(np.float32)
+
+
+def test_round_scale_is_the_smallest_bfloat16_not_below():
+    rng = np.random.default_rng(11)
+    a = np.concatenate([np.float32(10.0) ** rng.uniform(-37, 38, 4000).astype(np.float32),
+                        np.array([0, 1, 1.0078125, 2**-126, 1e-40, 3.3895314e38], np.float32)])
+    a = a.astype(np.float32)
+    got = np.asarray(quant.round_scale(jnp.asarray(a), jnp.bfloat16).astype(jnp.float32))
+    below, up = _bf16_neighbours(a)
+    np.testing.assert_array_equal(got, up)
+    assert np.all(got >= a) and np.all(below < a)
+    normal = a >= 2.0**-126  # relative spacing 2**-7 of normal bfloat16 numbers
+    assert np.all(got[normal].astype(np.float64)
+                  <= a[normal].astype(np.float64) * (1 + 2.0**-7))
+    special = quant.round_scale(jnp.array([np.nan, np.inf, 0.0, 3.4e38], jnp.float32),
+                                jnp.bfloat16).astype(jnp.float32)
+    assert np.isnan(special[0]) and special[1] == np.inf and special[2] == 0
+    assert special[3] == np.float32(jnp.finfo(jnp.bfloat16).max)  # capped, never inf
+    assert quant.round_scale(jnp.float32(2.5), jnp.float32) == 2.5  # float32: unchanged
+
+
+@pytest.mark.parametrize("name,shape,block", [("dyn8", (6, 512), 256), ("dyn8u", (4, 300), 256),
+                                              ("nf4", (5, 128), 64), ("lin4", (3, 7, 20), 64)])
+def test_bfloat16_scales(name, shape, block):
+    """Stored scale = smallest bfloat16 >= the block's absmax; codes are the nearest codes of
+    x * (1 / scale); the round trip keeps the half-gap bound with the stored scale."""
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal(shape) * 10.0 ** rng.uniform(-20, 20, shape[:-1] + (1,)))
+    x = x.astype(np.float32)
+    if name == "dyn8u":
+        x = np.abs(x)
+    x.reshape(-1)[:block] = 0  # an all-zero block
+    cb = CODEBOOKS[name]
+    q = jax.jit(lambda a: quantize_blockwise(a, codebook=cb, block_size=block,
+                                             scale_dtype=jnp.bfloat16))(jnp.asarray(x))
+    q32 = quantize_blockwise(jnp.asarray(x), codebook=cb, block_size=block)
+    assert q.absmax.dtype == jnp.bfloat16 and q.absmax.shape == q32.absmax.shape
+    assert q.codes.shape == q32.codes.shape
+    assert q.nbytes == q32.nbytes - 2 * q32.absmax.size
+    _, am = _normalized(x, block)  # float32 absmax per element
+    s = np.broadcast_to(np.asarray(q.absmax.astype(jnp.float32))[..., None],
+                        q.absmax.shape + (block,))
+    # the scale per element, by the layout of _normalized
+    s_el = _expand_scales(s, x.shape, block)
+    np.testing.assert_array_equal(s_el, _bf16_neighbours(am)[1])
+    with np.errstate(divide="ignore"):
+        inv = np.where(s_el > 0, np.float32(1) / s_el, np.float32(0)).astype(np.float32)
+    y = (x * inv).astype(np.float32)
+    d_ours = np.abs(_values(q.codes, cb, x.shape).astype(np.float64) - y)
+    np.testing.assert_array_equal(d_ours.ravel(), _dists(y, cb)[0])
+    deq = np.asarray(dequantize_blockwise(q), np.float64)
+    assert np.all(np.abs(deq - x) <= s_el * (_half_gap(y, cb) + 1e-6))
+    assert np.all(deq.reshape(-1)[:block] == 0)
+
+
+def _expand_scales(s, shape, block):
+    """Per-block scales ``lead + (nblocks, block)`` -> per element of ``shape`` (the layout)."""
+    k, length = block_layout(shape, block)
+    lead = shape[:len(shape) - k]
+    return np.asarray(s).reshape(lead + (-1,))[..., :length].reshape(shape)
+
+
+def test_bfloat16_scale_saturates_above_the_largest_bfloat16():
+    x = jnp.array([3.4e38, -3.39e38, 1.0, 0.0], jnp.float32)
+    q = quantize_blockwise(x, codebook=CODEBOOKS["dyn8"], block_size=4,
+                           scale_dtype=jnp.bfloat16)
+    big = np.float32(jnp.finfo(jnp.bfloat16).max)
+    assert float(q.absmax.astype(jnp.float32)[0]) == big
+    out = np.asarray(dequantize_blockwise(q), np.float64)
+    assert np.isfinite(out).all() and out[0] == big  # saturated, 0.3% low
+    assert np.all(np.abs(out[:2] - np.asarray(x[:2], np.float64))
+                  <= 2.0**-7 * np.abs(np.asarray(x[:2], np.float64)))
+
+
+@pytest.mark.parametrize("bad", [jnp.float16, jnp.int8, "float8"])
+def test_scale_dtype_must_be_float32_or_bfloat16(bad):
+    with pytest.raises(ValueError, match="scale_dtype"):
+        quantize_blockwise(jnp.ones(8), codebook=CODEBOOKS["dyn8"], block_size=4,
+                           scale_dtype=bad)
+
+
+# ------------------------------------------------------- 8. the two lookup strategies agree
 @pytest.mark.parametrize("name", sorted(CODEBOOKS))
 def test_table_and_gather_free_lookups_agree_with_brute_force(name):
     """``tables=True`` (1-D lookup tables: the CPU default) and ``tables=False`` (closed forms
