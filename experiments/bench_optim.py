@@ -13,7 +13,9 @@ without a projector refresh: their SVD runs once every 200 steps, here on the un
 timed as ``update`` + ``optax.apply_updates``; ``adamw_8bit (fused_apply)`` is the same
 optimizer through ``effjax.optim.fused_apply``, where the kernel writes the parameters itself
 (no update array goes through memory); ``adamw_8bit (unfused)`` forces the unfused jnp step
-(``use_kernel=False``) everywhere.
+(``use_kernel=False``) everywhere. The ``(bf16 scales)`` rows store block scales as bfloat16
+(``scale_dtype=jnp.bfloat16``). The Markdown output ends with the state bytes of every low-bit
+row split into codes, scales, float32 leaves and other (``optim.state_bytes_breakdown``).
 
 Run:  python -m experiments.bench_optim            (full, ~10 min on 2 CPU cores)
       python -m experiments.bench_optim --quick    (tiny tree, seconds; run by the tests)

@@ -176,9 +176,9 @@ def supports(g, p, moments) -> bool:
         return False  # the rule would run in the moments' dtype
     if q0.bits == 4 and any(len(q.codebook) > 16 for q in moments):
         return False
-    if len({jnp.dtype(q.absmax.dtype) for q in moments} - {jnp.dtype(q0.absmax.dtype)}) or \
-            jnp.dtype(q0.absmax.dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
-        return False
+    scale_dtypes = {jnp.dtype(q.absmax.dtype) for q in moments}
+    if scale_dtypes not in ({jnp.dtype(jnp.float32)}, {jnp.dtype(jnp.bfloat16)}):
+        return False  # one flag covers both moments
     # The chunked step's condition: blocks are rows of a free 2-D view of the leaf.
     return _chunk_view(tuple(g.shape), q0.block_size, q0.bits) is not None
 

@@ -159,6 +159,11 @@ def _finite(x):
     return jnp.where(jnp.isfinite(x), x, jnp.zeros_like(x))
 
 
+def float32_scales(moments) -> bool:
+    """Whether every moment stores float32 scales (the only kind the Pallas kernel writes)."""
+    return all(jnp.dtype(q.absmax.dtype) == jnp.float32 for q in moments)
+
+
 def _check_leaf(g, p, moments, name):
     for q in moments:
         if not isinstance(q, QuantizedArray):
@@ -343,7 +348,7 @@ def fused_update(rule, g, p, moments, scalars, *, interpret: bool | None = None,
     _check_leaf(g, p, moments, name)
     if apply and p is None:
         raise ValueError(f"{name}: apply=True needs the parameter")
-    if any(jnp.dtype(q.absmax.dtype) != jnp.float32 for q in moments):
+    if not float32_scales(moments):
         raise ValueError(f"{name}: the Pallas kernel stores float32 scales; got "
                          f"{[str(q.absmax.dtype) for q in moments]} (use the jnp step)")
     q0 = moments[0]
@@ -618,7 +623,7 @@ def fused_lowbit(jnp_tx: optax.GradientTransformationExtraArgs, spec: FusedSpec,
                     continue  # the unfused jnp step's results
                 u, new = fused_update_chunked(rule, g, p, ms, leaf_s, name=leaf_name)
             else:
-                if any(jnp.dtype(q.absmax.dtype) != jnp.float32 for q in ms):
+                if not float32_scales(ms):
                     continue  # bfloat16 scales: the unfused jnp step's results
                 u, new = fused_update(rule, g, p, ms, leaf_s, interpret=interpret,
                                       tile_elems=tile_elems, apply=apply, name=leaf_name)

@@ -220,8 +220,7 @@ def adamw_4bit(learning_rate: optax.ScalarOrSchedule, b1=0.9, b2=0.999, eps=1e-8
     """``optax.adamw`` with 4-bit states (torchao's ``AdamW4bit``)."""
     return _q(optax.adamw(learning_rate, b1, b2, eps, eps_root, weight_decay=weight_decay,
                           mask=mask), _B4, block_size, min_quantized_size, name="adamw_4bit",
-                          scale_dtype=scale_dtype,
-              use_kernel=use_kernel,
+              scale_dtype=scale_dtype, use_kernel=use_kernel,
               fused=_adam_spec(b1, b2, eps, eps_root, False, learning_rate, weight_decay, mask))
 
 

@@ -22,13 +22,7 @@ def state_bytes(state) -> int:
       >>> state_bytes(state)  # 2 x (65536 codes + 256 float32 scales) + step counter
       133124
     """
-    total = 0
-    for leaf in jax.tree.leaves(state, is_leaf=_is_q):
-        if _is_q(leaf):
-            total += leaf.nbytes
-        elif hasattr(leaf, "dtype") and hasattr(leaf, "size"):
-            total += int(leaf.size) * leaf.dtype.itemsize
-    return total
+    return sum(state_bytes_breakdown(state).values())
 
 
 def state_bytes_breakdown(state) -> dict[str, int]:

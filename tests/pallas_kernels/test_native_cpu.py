@@ -10,7 +10,6 @@ state and updates agree to float32 rounding.
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import optax
 import pytest
@@ -20,6 +19,7 @@ from effjax import quant as Q
 from pallas_kernels import native_cpu as N
 from pallas_kernels import optim_update as K
 from tests.pallas_kernels.test_optim_update import OPTIMIZERS, _quantized
+from tests.quant.test_blockwise import _bf16_neighbours
 
 f32 = np.float32
 
@@ -41,22 +41,12 @@ def _nearest(y, values):
     return cand.argmax(axis=1).reshape(y.shape)
 
 
-def _bf16_up(a):
-    """The smallest bfloat16 >= a (a finite, >= 0), capped at the largest finite bfloat16:
-    ml_dtypes' round-to-nearest, then one step up the bfloat16 grid where it fell below."""
-    r = a.astype(ml_dtypes.bfloat16)
-    bits = r.view(np.uint16) + (r.astype(f32) < a).astype(np.uint16)
-    out = bits.view(ml_dtypes.bfloat16).astype(f32)
-    big = f32(ml_dtypes.finfo(ml_dtypes.bfloat16).max)
-    return np.where(np.isinf(out), big, out).astype(f32)
-
-
 def _quantize(x, values, bs, bf16_scale=False):
     """quantize_blockwise of finite x: (codes in the codebook's order, absmax)."""
     xb = x.reshape(-1, bs)
     absmax = np.abs(xb).max(axis=1).astype(f32)
     if bf16_scale:
-        absmax = _bf16_up(absmax)
+        absmax = _bf16_neighbours(absmax)[1]  # the smallest bfloat16 >= absmax
     pre = np.where(absmax >= f32(2.0**125), f32(2.0**-4), f32(1.0)).astype(f32)
     with np.errstate(divide="ignore"):
         inv = np.where(absmax > 0, f32(1) / (absmax * pre), f32(0)).astype(f32)
