@@ -11,10 +11,11 @@ bitsandbytes' native CPU optimizer kernels. One pass per block of elements:
 
 with the float32 expressions of :func:`pallas_kernels.optim_update.adam_rule`, ``lion_rule``
 and ``sgd_rule`` in the same order, compiled with ``-ffp-contract=off`` (no fused
-multiply-adds), and the nearest-code search of :func:`pallas_kernels.blockwise.lookup_tables`.
-Codes and scales equal the jnp path's (tested); updates equal them bit for bit for Lion and SGD
-and within an ulp or two of float32 for Adam, where XLA contracts multiply-adds into FMAs
-depending on how it fuses the graph. Blocks run in parallel on XLA's intra-op thread pool, and
+multiply-adds), and effjax.quant's nearest-code search: its bucket table packed one int32 per
+bucket (:func:`_search_tables`), so each element costs one table load. Codes and scales equal
+the jnp path's (tested); updates equal them bit for bit for Lion and SGD and within an ulp or
+two of float32 for Adam, where XLA contracts multiply-adds into FMAs depending on how it fuses
+the graph. Blocks run in parallel on XLA's intra-op thread pool, and
 the codes and scales are written in place (``input_output_aliases``).
 
 Build: the source is compiled on first use with the system C++ compiler (``$CXX``, else
@@ -61,8 +62,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from effjax.quant import QuantizedArray
-from pallas_kernels import blockwise as bw
+from effjax.quant import QuantizedArray, _search
 from pallas_kernels.optim_update import _chunk_view
 
 __all__ = ["available", "unavailable_reason", "supports", "lowbit_step", "library_path"]
@@ -184,9 +184,43 @@ def supports(g, p, moments) -> bool:
 
 
 @functools.cache
-def _tables(values: tuple[float, ...]):
-    (vals, thresholds, codes), (shift, q0, buckets, half, _) = bw.lookup_tables(values)
-    return (vals[: len(values)], thresholds, codes), (shift, q0, buckets, half)
+def _search_tables(values: tuple[float, ...]):
+    """The kernel's tables for one codebook: ``(values, edge, table, order)`` and the bucket
+    parameters ``(shift, q0, buckets, half)``.
+
+    effjax.quant's bucket table (``_search._bucket_table``) packed one int32 per bucket:
+    ``t << 8 | lo``, where ``lo`` is the sorted index below the bucket's threshold ``T`` and
+    ``t = (|T| bits) - ((q + q0) << shift)`` is ``T``'s offset from the bucket's first float
+    (in ``[0, 2**shift)`` from bucket 1 up, checked here), or ``2**shift + 1`` (positive side)
+    / ``-2`` (negative side) for a bucket without a threshold. Bucket 0 also holds every ``|y|``
+    below its first float, so its two thresholds go in ``edge`` (floats, ``+inf`` if none).
+    ``order`` maps sorted index to code (256 entries).
+    """
+    vals = np.asarray(values, np.float32)
+    n = vals.size
+    key = tuple(float(v) for v in vals)
+    order = _search._order(key)
+    sorted_vals = key if order is None else order[0]
+    table = _search._bucket_table(sorted_vals)
+    shift, q0, nb = table.shift, table.q0, table.buckets
+    count = table.rows[:, 0].astype(np.int64)
+    thr = table.rows[:, 1].astype(np.float32)
+    has = np.isfinite(thr)
+    if np.any(count[has] < 0) or np.any(count[has] + 1 > n - 1):
+        raise AssertionError("bucket threshold without two neighbouring values")
+    base = np.tile((np.arange(nb, dtype=np.int64) + q0) << shift, 2)
+    t = (thr.view(np.int32).astype(np.int64) & 0x7FFFFFFF) - base
+    inner = has & (np.arange(2 * nb) % nb != 0)
+    if np.any((t[inner] < 0) | (t[inner] >= 1 << shift)):
+        raise AssertionError("bucket threshold outside its bucket")
+    none = np.where(np.arange(2 * nb) < nb, (1 << shift) + 1, -2)
+    t = np.where(has, t, none)
+    t[[0, nb]] = 0  # bucket 0 compares against `edge`
+    packed = ((t << 8) | np.clip(count, 0, n - 1)).astype(np.int32)
+    edge = thr[[0, nb]].astype(np.float32)
+    perm = np.zeros(256, np.int32)
+    perm[:n] = np.arange(n) if order is None else np.asarray(order[1])
+    return (vals, edge, packed, perm), (shift, q0, nb, nb)
 
 
 def _scalars(algo: str, s: dict) -> jax.Array:
@@ -257,13 +291,13 @@ def lowbit_step(algo: str, g, p, moments, scalars: dict, *, apply: bool = False,
     for k in range(2):
         if k < n_mom:
             q = moments[k]
-            (vals, thresholds, bcodes), (shift, qq, buckets, half) = _tables(q.codebook)
+            (vals, edge, table, order), (shift, qq, buckets, half) = _search_tables(q.codebook)
             args += [q.codes, q.absmax.astype(jnp.float32), jnp.asarray(vals),
-                     jnp.asarray(thresholds), jnp.asarray(bcodes)]
+                     jnp.asarray(edge), jnp.asarray(table), jnp.asarray(order)]
             out_types += [jax.ShapeDtypeStruct(q.codes.shape, jnp.uint8),
                           jax.ShapeDtypeStruct(q.absmax.shape, jnp.float32)]
         else:
-            args += [empty_u8, empty_f, empty_f, empty_f, empty_i]
+            args += [empty_u8, empty_f, empty_f, empty_f, empty_i, empty_i]
             out_types += [jax.ShapeDtypeStruct((0,), jnp.uint8),
                           jax.ShapeDtypeStruct((0,), jnp.float32)]
             shift, qq, buckets, half = 0, 0, 1, 1
@@ -273,7 +307,7 @@ def lowbit_step(algo: str, g, p, moments, scalars: dict, *, apply: bool = False,
     # written), and with apply=True the parameter too.
     aliases = {3: 1, 4: 2}
     if n_mom == 2:
-        aliases.update({8: 3, 9: 4})
+        aliases.update({9: 3, 10: 4})
     if apply:
         aliases[1] = 0
     call = jax.ffi.ffi_call(_TARGET, out_types, input_output_aliases=aliases,

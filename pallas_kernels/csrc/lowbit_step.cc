@@ -9,10 +9,14 @@
 //
 // with the jnp reference's float32 expressions in the same order (compiled with
 // -ffp-contract=off: every product and sum rounds as written), and the reference's nearest-code
-// search, with the tables of pallas_kernels.blockwise.lookup_tables: the float's exponent and
-// top mantissa bits pick a bucket holding at most one decision threshold T, and the code is the
-// bucket's `lo` below T, its `hi` from T up. Non-finite gradients: the update of that element
-// is 0 and non-finite new moments are stored as 0 (effjax.optim.quantize_state).
+// search (effjax.quant's bucket table): the float's exponent and top mantissa bits pick a
+// bucket holding at most one decision threshold T of the sorted codebook, and the sorted index
+// is the bucket's `lo` below T, lo + 1 from T up. One 32-bit table entry per bucket holds both
+// (native_cpu._search_tables): T's low bits relative to the bucket's first float, so the
+// comparison is on the integer bits of |y|, one gather per element. Bucket 0 also holds every
+// |y| below its first float (down to 0), so its thresholds are compared as floats. Non-finite
+// gradients: the update of that element is 0 and non-finite new moments are stored as 0
+// (effjax.optim.quantize_state).
 //
 // Blocks are independent, so ranges of blocks run on XLA's intra-op thread pool. Codes and
 // scales may be written in place (the Python side aliases them): a block is decoded into
@@ -42,9 +46,11 @@ enum Flag : int64_t { kWeightDecay = 1, kNesterov = 2, kApply = 4, kBf16Scale = 
 enum Slot { kC1, kB1, kC2, kB2, kBc1, kBc2, kBc1Next, kEpsRoot, kEps, kWd, kLr, kNumSlots };
 
 struct Book {  // a codebook: decode table and the nearest-code bucket table
-  const float* dec;      // value of each code
-  const float* thr;      // per bucket: the threshold inside it (+inf if none)
-  const int32_t* codes;  // per bucket: lo | hi << 8 (the codes below / from the threshold)
+  const float* dec;        // value of each code (256 entries)
+  const int32_t* table;    // per bucket: t << 8 | lo (see encode_block)
+  const int32_t* order;    // sorted index -> code (256 entries)
+  bool sorted;             // order is the identity
+  int32_t edge_pos, edge_neg;  // bucket 0's thresholds (float bits; +inf if none)
   int32_t shift, q0, buckets, half;  // buckets per sign; negative side starts at `half`
 };
 
@@ -87,6 +93,38 @@ void decode_block(const Moment& m, int64_t b, int64_t bs, int bits, float* __res
   }
 }
 
+// The sorted index of the nearest value to each scaled value y = x * (1 / absmax), |y| <= 1.
+// Bucket q = clamp((|y| bits >> shift) - q0, 0, buckets - 1), of sign side s; its entry is
+// t << 8 | lo. From bucket 1 up, |y| bits lie in [base, base + 2**shift) with base =
+// (q + q0) << shift, and so does |T|: y >= T <=> key = |y| bits - base >= t (positive side),
+// <= t (negative side). A bucket without a threshold has t = 2**shift + 1 (positive; key is
+// capped at 2**shift) or -2 (negative). Written without branches or bool selects so that GCC
+// vectorizes it (one gather per element).
+void search_block(const Book& k, int64_t bs, const float* __restrict x, float pre, float inv,
+                  int32_t* __restrict idx) {
+  const int32_t shift = k.shift, q0 = k.q0, nb = k.buckets, half = k.half, top = 1 << shift;
+  const int32_t edge_pos = k.edge_pos, edge_neg = k.edge_neg;
+  const int32_t* __restrict table = k.table;
+  for (int64_t i = 0; i < bs; i++) {
+    const float y = (x[i] * pre) * inv;
+    const int32_t yb = bits_of(y);
+    const int32_t a = yb & 0x7fffffff;
+    const int32_t sign = yb >> 31;  // 0 or -1
+    const int32_t q = std::min(std::max((a >> shift) - q0, 0), nb - 1);
+    const int32_t key = std::min(a - ((q + q0) << shift), top);
+    const int32_t e = table[q + (sign & half)];
+    const int32_t d = key - (e >> 8);
+    const int32_t hit = static_cast<int32_t>(static_cast<uint32_t>(~((d ^ sign) - sign)) >> 31);
+    const int32_t hit0 = y >= float_of((edge_pos & ~sign) | (edge_neg & sign));
+    const int32_t in0 = -static_cast<int32_t>(q == 0);
+    idx[i] = (e & 255) + ((hit0 & in0) | (hit & ~in0));
+  }
+  if (!k.sorted) {
+    const int32_t* __restrict order = k.order;
+    for (int64_t i = 0; i < bs; i++) idx[i] = order[idx[i] & 255];
+  }
+}
+
 // effjax.quant.quantize_blockwise on one block of finite values (absmax, pre-scale, search).
 void encode_block(const Moment& m, int64_t b, int64_t bs, int bits, const float* __restrict x,
                   int32_t* __restrict idx) {
@@ -98,17 +136,7 @@ void encode_block(const Moment& m, int64_t b, int64_t bs, int bits, const float*
   // 1/absmax is subnormal above 2**126: such blocks are pre-scaled by 2**-4 (as the reference).
   const float pre = absmax >= 0x1p125f ? 0x1p-4f : 1.0f;
   const float inv = absmax > 0.0f ? 1.0f / (absmax * pre) : 0.0f;
-  const int32_t shift = m.book.shift, q0 = m.book.q0, nb = m.book.buckets, half = m.book.half;
-  const int32_t* __restrict codes = m.book.codes;
-  const float* __restrict thr = m.book.thr;
-  for (int64_t i = 0; i < bs; i++) {
-    const float y = (x[i] * pre) * inv;
-    const int32_t yb = bits_of(y);
-    int32_t q = ((yb & 0x7fffffff) >> shift) - q0;
-    q = std::min(std::max(q, 0), nb - 1) + (yb < 0 ? half : 0);
-    const int32_t c = codes[q];
-    idx[i] = y >= thr[q] ? c >> 8 : c & 255;
-  }
+  search_block(m.book, bs, x, pre, inv, idx);
   if (bits == 8) {
     uint8_t* __restrict out = m.out_codes + b * bs;
     for (int64_t i = 0; i < bs; i++) out[i] = static_cast<uint8_t>(idx[i]);
@@ -119,6 +147,10 @@ void encode_block(const Moment& m, int64_t b, int64_t bs, int bits, const float*
   }
 }
 
+struct Step;
+// One block's rule: x0/x1 hold the old moments on entry and the new (finite) moments on exit.
+using Rule = void (*)(const Step&, int64_t b, float* __restrict x0, float* __restrict x1);
+
 struct Step {
   int64_t algo, flags, bs;
   int bits, n_moments;
@@ -127,58 +159,98 @@ struct Step {
   float* out;      // the update, or the new parameter with kApply
   const float* s;  // scalars
   Moment mom[2];
+  Rule rule;
 };
 
 // The rules of pallas_kernels/optim_update.py (adam_rule, lion_rule, sgd_rule, _tail) on one
-// block; x0/x1 hold the old moments on entry and the new (finite) moments on exit.
-void update_block(const Step& st, int64_t b, float* __restrict x0, float* __restrict x1) {
+// block. The flags are template parameters: each instance is a straight loop that GCC
+// vectorizes (a runtime flag guarding the read of a possibly-null `p` kept it scalar, 14x
+// slower).
+template <bool kDecay, bool kApplyP, bool kNest>
+void adam_block(const Step& st, int64_t b, float* __restrict x0, float* __restrict x1) {
   const int64_t bs = st.bs, o = b * bs;
   const float* __restrict g = st.g + o;
-  const float* __restrict p = st.p == nullptr ? nullptr : st.p + o;
+  const float* __restrict p = st.p + o;
   float* __restrict out = st.out + o;
   const float* s = st.s;
   const float c1 = s[kC1], b1 = s[kB1], c2 = s[kC2], b2 = s[kB2], wd = s[kWd], lr = s[kLr];
-  const bool has_wd = st.flags & kWeightDecay, apply = st.flags & kApply;
-  const bool nesterov = st.flags & kNesterov;
-  if (st.algo == kAdam) {
-    const float bc1 = s[kBc1], bc2 = s[kBc2], bc1n = s[kBc1Next], eps_root = s[kEpsRoot],
-                eps = s[kEps];
-    for (int64_t i = 0; i < bs; i++) {
-      const float gi = g[i];
-      const float mu = c1 * gi + b1 * x0[i];
-      const float nu = c2 * (gi * gi) + b2 * x1[i];
-      const float mu_hat = nesterov ? b1 * (mu / bc1n) + c1 * (gi / bc1) : mu / bc1;
-      float u = mu_hat / (__builtin_sqrtf(nu / bc2 + eps_root) + eps);
-      if (has_wd) u = u + wd * p[i];
-      u = lr * u;
-      u = finite(gi) ? u : 0.0f;
-      out[i] = apply ? p[i] + u : u;
-      x0[i] = finite(mu) ? mu : 0.0f;
-      x1[i] = finite(nu) ? nu : 0.0f;
-    }
-  } else if (st.algo == kLion) {
-    for (int64_t i = 0; i < bs; i++) {
-      const float gi = g[i];
-      const float z = c1 * gi + b1 * x0[i];
-      float u = z > 0.0f ? 1.0f : (z < 0.0f ? -1.0f : z);  // jnp.sign (0, -0, NaN kept)
-      const float mu = c2 * gi + b2 * x0[i];
-      if (has_wd) u = u + wd * p[i];
-      u = lr * u;
-      u = finite(gi) ? u : 0.0f;
-      out[i] = apply ? p[i] + u : u;
-      x0[i] = finite(mu) ? mu : 0.0f;
-    }
-  } else {  // sgd: t = g + decay t_old; u = t (nesterov: g + decay t); decay in slot kB1
-    for (int64_t i = 0; i < bs; i++) {
-      const float gi = g[i];
-      const float t = gi + b1 * x0[i];
-      float u = nesterov ? gi + b1 * t : t;
-      u = lr * u;
-      u = finite(gi) ? u : 0.0f;
-      out[i] = apply ? p[i] + u : u;
-      x0[i] = finite(t) ? t : 0.0f;
-    }
+  const float bc1 = s[kBc1], bc2 = s[kBc2], bc1n = s[kBc1Next], eps_root = s[kEpsRoot],
+              eps = s[kEps];
+  for (int64_t i = 0; i < bs; i++) {
+    const float gi = g[i];
+    const float mu = c1 * gi + b1 * x0[i];
+    const float nu = c2 * (gi * gi) + b2 * x1[i];
+    const float mu_hat = kNest ? b1 * (mu / bc1n) + c1 * (gi / bc1) : mu / bc1;
+    float u = mu_hat / (__builtin_sqrtf(nu / bc2 + eps_root) + eps);
+    if (kDecay) u = u + wd * p[i];
+    u = lr * u;
+    u = finite(gi) ? u : 0.0f;
+    if (kApplyP) u = p[i] + u;
+    out[i] = u;
+    x0[i] = finite(mu) ? mu : 0.0f;
+    x1[i] = finite(nu) ? nu : 0.0f;
   }
+}
+
+template <bool kDecay, bool kApplyP, bool kNest>
+void lion_block(const Step& st, int64_t b, float* __restrict x0, float* __restrict) {
+  const int64_t bs = st.bs, o = b * bs;
+  const float* __restrict g = st.g + o;
+  const float* __restrict p = st.p + o;
+  float* __restrict out = st.out + o;
+  const float* s = st.s;
+  const float c1 = s[kC1], b1 = s[kB1], c2 = s[kC2], b2 = s[kB2], wd = s[kWd], lr = s[kLr];
+  for (int64_t i = 0; i < bs; i++) {
+    const float gi = g[i];
+    const float z = c1 * gi + b1 * x0[i];
+    float u = z > 0.0f ? 1.0f : (z < 0.0f ? -1.0f : z);  // jnp.sign (0, -0, NaN kept)
+    const float mu = c2 * gi + b2 * x0[i];
+    if (kDecay) u = u + wd * p[i];
+    u = lr * u;
+    u = finite(gi) ? u : 0.0f;
+    if (kApplyP) u = p[i] + u;
+    out[i] = u;
+    x0[i] = finite(mu) ? mu : 0.0f;
+  }
+}
+
+// sgd: t = g + decay t_old; u = t (nesterov: g + decay t); decay in slot kB1. No weight decay.
+template <bool kDecay, bool kApplyP, bool kNest>
+void sgd_block(const Step& st, int64_t b, float* __restrict x0, float* __restrict) {
+  const int64_t bs = st.bs, o = b * bs;
+  const float* __restrict g = st.g + o;
+  const float* __restrict p = st.p + o;
+  float* __restrict out = st.out + o;
+  const float b1 = st.s[kB1], lr = st.s[kLr];
+  for (int64_t i = 0; i < bs; i++) {
+    const float gi = g[i];
+    const float t = gi + b1 * x0[i];
+    float u = kNest ? gi + b1 * t : t;
+    u = lr * u;
+    u = finite(gi) ? u : 0.0f;
+    if (kApplyP) u = p[i] + u;
+    out[i] = u;
+    x0[i] = finite(t) ? t : 0.0f;
+  }
+}
+
+template <template <bool, bool, bool> class R>
+struct Rules {
+  static Rule pick(int64_t flags) {
+    static constexpr Rule table[8] = {R<0, 0, 0>::f, R<1, 0, 0>::f, R<0, 0, 1>::f, R<1, 0, 1>::f,
+                                      R<0, 1, 0>::f, R<1, 1, 0>::f, R<0, 1, 1>::f, R<1, 1, 1>::f};
+    return table[(flags & kWeightDecay ? 1 : 0) | (flags & kNesterov ? 2 : 0) |
+                 (flags & kApply ? 4 : 0)];
+  }
+};
+template <bool a, bool b, bool c> struct Adam { static constexpr Rule f = adam_block<a, b, c>; };
+template <bool a, bool b, bool c> struct Lion { static constexpr Rule f = lion_block<a, b, c>; };
+template <bool a, bool b, bool c> struct Sgd { static constexpr Rule f = sgd_block<a, b, c>; };
+
+Rule pick_rule(int64_t algo, int64_t flags) {
+  if (algo == kAdam) return Rules<Adam>::pick(flags);
+  if (algo == kLion) return Rules<Lion>::pick(flags);
+  return Rules<Sgd>::pick(flags);
 }
 
 void run_blocks(const Step& st, int64_t lo, int64_t hi) {
@@ -188,7 +260,7 @@ void run_blocks(const Step& st, int64_t lo, int64_t hi) {
   float* x1 = buf.data() + st.bs;
   for (int64_t b = lo; b < hi; b++) {
     for (int k = 0; k < st.n_moments; k++) decode_block(st.mom[k], b, st.bs, st.bits, k ? x1 : x0);
-    update_block(st, b, x0, x1);
+    st.rule(st, b, x0, x1);
     for (int k = 0; k < st.n_moments; k++)
       encode_block(st.mom[k], b, st.bs, st.bits, k ? x1 : x0, idx.data());
   }
@@ -221,11 +293,13 @@ void parallel_for(ffi::ThreadPool& pool, int64_t n, int64_t grain, const F& f) {
   while (sh->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
 }
 
-// Table sizes only: the bucket codes are only ever written out as codes, never used as
-// addresses, and decoding reads a 256-entry copy of the decode table (see LowbitStep).
-ffi::Error check_book(const Book& b, int64_t dec_n, int64_t thr_n, int64_t codes_n) {
-  if (dec_n < 2 || dec_n > 256 || thr_n != 2 * b.half || codes_n != thr_n ||
-      b.buckets < 1 || b.buckets > b.half || b.shift < 0 || b.shift > 23)
+// Table sizes only: a table entry only ever indexes the 256-entry order table (masked), and
+// decoding reads a 256-entry copy of the decode table (see LowbitStep), so no table content
+// can make the kernel read or write out of bounds.
+ffi::Error check_book(const Book& b, int64_t dec_n, int64_t edge_n, int64_t table_n,
+                      int64_t order_n) {
+  if (dec_n < 2 || dec_n > 256 || edge_n != 2 || table_n != 2 * b.half || order_n != 256 ||
+      b.buckets < 1 || b.buckets > b.half || b.shift < 0 || b.shift > 23 || b.q0 < 0)
     return ffi::Error::InvalidArgument("lowbit_step: inconsistent codebook tables");
   return ffi::Error::Success();
 }
@@ -233,10 +307,11 @@ ffi::Error check_book(const Book& b, int64_t dec_n, int64_t thr_n, int64_t codes
 ffi::Error LowbitStep(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> p,
                       ffi::Buffer<ffi::F32> scalars, ffi::Buffer<ffi::U8> codes0,
                       ffi::Buffer<ffi::F32> absmax0, ffi::Buffer<ffi::F32> dec0,
-                      ffi::Buffer<ffi::F32> thr0, ffi::Buffer<ffi::S32> bucket_codes0,
-                      ffi::Buffer<ffi::U8> codes1, ffi::Buffer<ffi::F32> absmax1,
-                      ffi::Buffer<ffi::F32> dec1, ffi::Buffer<ffi::F32> thr1,
-                      ffi::Buffer<ffi::S32> bucket_codes1, ffi::ResultBuffer<ffi::F32> out,
+                      ffi::Buffer<ffi::F32> edge0, ffi::Buffer<ffi::S32> table0,
+                      ffi::Buffer<ffi::S32> order0, ffi::Buffer<ffi::U8> codes1,
+                      ffi::Buffer<ffi::F32> absmax1, ffi::Buffer<ffi::F32> dec1,
+                      ffi::Buffer<ffi::F32> edge1, ffi::Buffer<ffi::S32> table1,
+                      ffi::Buffer<ffi::S32> order1, ffi::ResultBuffer<ffi::F32> out,
                       ffi::ResultBuffer<ffi::U8> out_codes0,
                       ffi::ResultBuffer<ffi::F32> out_absmax0,
                       ffi::ResultBuffer<ffi::U8> out_codes1,
@@ -259,13 +334,15 @@ ffi::Error LowbitStep(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer
     return ffi::Error::InvalidArgument("lowbit_step: output size differs from gradient");
 
   Step st{algo, flags, block_size, static_cast<int>(bits), n_moments, g.typed_data(),
-          needs_p ? p.typed_data() : nullptr, out->typed_data(), scalars.typed_data(), {}};
+          needs_p ? p.typed_data() : nullptr, out->typed_data(), scalars.typed_data(), {},
+          pick_rule(algo, flags)};
   const int64_t nblocks = n / block_size, code_bytes = bits == 8 ? n : n / 2;
   ffi::Buffer<ffi::U8>* codes[2] = {&codes0, &codes1};
   ffi::Buffer<ffi::F32>* absmax[2] = {&absmax0, &absmax1};
   ffi::Buffer<ffi::F32>* dec[2] = {&dec0, &dec1};
-  ffi::Buffer<ffi::F32>* thr[2] = {&thr0, &thr1};
-  ffi::Buffer<ffi::S32>* bcodes[2] = {&bucket_codes0, &bucket_codes1};
+  ffi::Buffer<ffi::F32>* edge[2] = {&edge0, &edge1};
+  ffi::Buffer<ffi::S32>* table[2] = {&table0, &table1};
+  ffi::Buffer<ffi::S32>* order[2] = {&order0, &order1};
   ffi::ResultBuffer<ffi::U8>* ocodes[2] = {&out_codes0, &out_codes1};
   ffi::ResultBuffer<ffi::F32>* oabs[2] = {&out_absmax0, &out_absmax1};
   float dec_pad[2][256];
@@ -282,11 +359,18 @@ ffi::Error LowbitStep(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer
     std::fill(dec_pad[k], dec_pad[k] + 256, std::numeric_limits<float>::quiet_NaN());
     std::copy(dec[k]->typed_data(), dec[k]->typed_data() + std::min<int64_t>(
         256, static_cast<int64_t>(dec[k]->element_count())), dec_pad[k]);
-    Book b{dec_pad[k], thr[k]->typed_data(), bcodes[k]->typed_data(),
+    const int64_t order_n = order[k]->element_count();
+    const int32_t* ord = order[k]->typed_data();
+    bool sorted = order_n == 256;
+    for (int64_t i = 0; sorted && i < 256; i++) sorted = ord[i] == i;
+    const float* ed = edge[k]->typed_data();
+    Book b{dec_pad[k], table[k]->typed_data(), ord, sorted,
+           edge[k]->element_count() == 2 ? bits_of(ed[0]) : 0,
+           edge[k]->element_count() == 2 ? bits_of(ed[1]) : 0,
            static_cast<int32_t>(shift[k]), static_cast<int32_t>(q0[k]),
            static_cast<int32_t>(nbk[k]), static_cast<int32_t>(half[k])};
-    ffi::Error e = check_book(b, dec[k]->element_count(), thr[k]->element_count(),
-                              bcodes[k]->element_count());
+    ffi::Error e = check_book(b, dec[k]->element_count(), edge[k]->element_count(),
+                              table[k]->element_count(), order_n);
     if (e.failure()) return e;
     if (bits == 4 && dec[k]->element_count() > 16)
       return ffi::Error::InvalidArgument("lowbit_step: 4-bit codes need <= 16 values");
@@ -315,12 +399,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(EffjaxLowbitStep, LowbitStep,
                                   .Arg<ffi::Buffer<ffi::U8>>()   // moment 0: codes
                                   .Arg<ffi::Buffer<ffi::F32>>()  //   absmax
                                   .Arg<ffi::Buffer<ffi::F32>>()  //   decode table
-                                  .Arg<ffi::Buffer<ffi::F32>>()  //   bucket thresholds
-                                  .Arg<ffi::Buffer<ffi::S32>>()  //   bucket codes lo|hi<<8
+                                  .Arg<ffi::Buffer<ffi::F32>>()  //   bucket 0's thresholds
+                                  .Arg<ffi::Buffer<ffi::S32>>()  //   bucket table t<<8|lo
+                                  .Arg<ffi::Buffer<ffi::S32>>()  //   order: sorted -> code
                                   .Arg<ffi::Buffer<ffi::U8>>()   // moment 1 (empty: none)
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()  // update or new parameter
                                   .Ret<ffi::Buffer<ffi::U8>>()

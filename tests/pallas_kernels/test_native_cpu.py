@@ -165,6 +165,67 @@ def test_kernel_equals_numpy_reference(bits, algo, s, apply, scale_dtype):
     assert all(np.isfinite(np.asarray(q.absmax)).all() for q in new)
 
 
+# ------------------------------------------------------------------ the search alone
+
+SEARCH_BOOKS = {  # name: codebook (8-bit if more than 16 values, else 4-bit)
+    "dynamic signed": Q.dynamic_codebook(signed=True),
+    "dynamic unsigned": Q.dynamic_codebook(signed=False),
+    "linear signed (threshold 0.0)": Q.linear_codebook(8, signed=True),
+    "dynamic signed, shuffled": np.random.default_rng(0).permutation(Q.dynamic_codebook()),
+    "nf4": Q.nf4_codebook(),
+    "fp4 (unsorted)": Q.fp4_codebook(),
+    "adam4bit first moment": Q.adam4bit_first_moment_codebook(),
+    "adam4bit second moment": Q.adam4bit_second_moment_codebook(),
+}
+
+
+def _search_probes(values):
+    """Scaled values in [-1, 1] where a search goes wrong first: every decision threshold (the
+    float32 midpoints rounded up, as effjax.quant's) and its float neighbours, the first float
+    of every bucket of the kernel's table and the float below it, both signs, zeros and
+    subnormals."""
+    v = np.unique(np.asarray(values, np.float64))
+    mid = ((v[:-1] + v[1:]) / 2).astype(f32)
+    (_, _, table, _), (shift, q0, nb, _) = N._search_tables(
+        tuple(float(x) for x in np.asarray(values, f32)))
+    starts = ((np.arange(nb, dtype=np.int64) + q0) << shift).astype(np.int32)
+    edges = np.concatenate([starts, starts - 1]).view(f32)
+    pts = np.concatenate([mid, np.nextafter(mid, f32(np.inf)), np.nextafter(mid, f32(-np.inf)),
+                          edges, np.array([0.0, 1e-45, 1e-38, 1e-30, 1.0], f32)]).astype(f32)
+    pts = pts[np.abs(pts) <= 1]
+    return np.concatenate([pts, -pts])
+
+
+@pytest.mark.parametrize("name", sorted(SEARCH_BOOKS))
+def test_kernel_search_is_nearest_at_every_threshold_and_bucket_edge(name):
+    """An SGD step with decay 0 from a zero moment stores the gradient itself, so the new codes
+    are the kernel's search on y = g / absmax; with absmax 1 (each block holds a 1.0), y = g
+    exactly. Every code must be the brute-force nearest value."""
+    values = SEARCH_BOOKS[name]
+    bs = 256 if len(values) > 16 else 128
+    y = _search_probes(values)
+    rows = -(-y.size // (bs - 1))
+    body = np.zeros(rows * (bs - 1), f32)
+    body[: y.size] = y
+    g = np.concatenate([np.ones((rows, 1), f32), body.reshape(rows, bs - 1)], axis=1)
+    m = Q.quantize_blockwise(jnp.zeros(g.shape), codebook=values, block_size=bs)
+    _, (new,) = jax.jit(lambda g, m: N.lowbit_step("sgd", g, None, (m,), dict(
+        decay=0.0, nesterov=False, lr=1.0)))(g, m)
+    np.testing.assert_array_equal(np.asarray(new.absmax).reshape(-1), np.ones(rows, f32))
+    # The nearest value (fp4 has both +0 and -0: compared as values, either code is nearest).
+    # Exactly: y goes above v_k iff y >= (v_k + v_k+1) / 2, a midpoint float64 holds exactly
+    # (float64 distances cannot tell -1e-30 from 0 next to +-1/255). XLA:CPU runs with
+    # subnormals flushed to zero, the kernel and effjax.quant alike: so does the reference.
+    v = np.unique(np.asarray(values, np.float64))
+    y = np.where(np.abs(g) < np.finfo(f32).tiny, 0.0, g.astype(np.float64))
+    nearest = v[np.searchsorted((v[:-1] + v[1:]) / 2, y, side="right")]
+    codes = _as_ref(new)[0].reshape(rows, bs)
+    np.testing.assert_array_equal(np.asarray(values, f32)[codes], nearest)
+    # ... and the very code effjax.quant picks, so states move between the paths.
+    ref = Q.quantize_blockwise(jnp.asarray(g), codebook=values, block_size=bs)
+    np.testing.assert_array_equal(np.asarray(new.codes), np.asarray(ref.codes))
+
+
 # ------------------------------------------------------------------ checks and dispatch
 
 def test_bad_leaves_are_refused_with_the_leaf_name():
