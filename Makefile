@@ -31,7 +31,7 @@ $(FMNIST):
 fashion-mnist: $(FMNIST)
 
 test: $(STAMP) $(FMNIST)
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q -n 2 --doctest-modules effjax pallas_kernels tests
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q -n 2 --durations=30 --doctest-modules effjax pallas_kernels tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check effjax pallas_kernels experiments tests
