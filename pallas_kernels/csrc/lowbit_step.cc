@@ -45,8 +45,12 @@ enum Flag : int64_t { kWeightDecay = 1, kNesterov = 2, kApply = 4, kBf16Scale = 
 // Slots of the float32 `scalars` input, computed in Python with the reference's expressions.
 enum Slot { kC1, kB1, kC2, kB2, kBc1, kBc2, kBc1Next, kEpsRoot, kEps, kWd, kLr, kNumSlots };
 
+// A uint64 that may alias floats: the 4-bit decode writes two floats per store.
+typedef uint64_t __attribute__((may_alias)) u64_alias;
+
 struct Book {  // a codebook: decode table and the nearest-code bucket table
   const float* dec;        // value of each code (256 entries)
+  const uint64_t* pairs;   // 4-bit: per byte, the values of its high and low nibble
   const int32_t* table;    // per bucket: t << 8 | lo (see encode_block)
   const int32_t* order;    // sorted index -> code (256 entries)
   bool sorted;             // order is the identity
@@ -84,12 +88,12 @@ void decode_block(const Moment& m, int64_t b, int64_t bs, int bits, float* __res
   if (bits == 8) {
     const uint8_t* __restrict c = m.codes + b * bs;
     for (int64_t i = 0; i < bs; i++) out[i] = dec[c[i]] * a;
-  } else {
+  } else {  // one 8-byte load per byte: both values, in memory order (little-endian)
     const uint8_t* __restrict c = m.codes + b * (bs / 2);
-    for (int64_t j = 0; j < bs / 2; j++) {
-      out[2 * j] = dec[c[j] >> 4] * a;
-      out[2 * j + 1] = dec[c[j] & 15] * a;
-    }
+    const uint64_t* __restrict pairs = m.book.pairs;
+    u64_alias* __restrict out2 = reinterpret_cast<u64_alias*>(out);
+    for (int64_t j = 0; j < bs / 2; j++) out2[j] = pairs[c[j]];
+    for (int64_t i = 0; i < bs; i++) out[i] = out[i] * a;
   }
 }
 
@@ -346,6 +350,7 @@ ffi::Error LowbitStep(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer
   ffi::ResultBuffer<ffi::U8>* ocodes[2] = {&out_codes0, &out_codes1};
   ffi::ResultBuffer<ffi::F32>* oabs[2] = {&out_absmax0, &out_absmax1};
   float dec_pad[2][256];
+  uint64_t pairs[2][256];
   const int64_t shift[2] = {shift0, shift1}, q0[2] = {q00, q01}, nbk[2] = {buckets0, buckets1},
                 half[2] = {half0, half1};
   for (int k = 0; k < n_moments; k++) {
@@ -364,7 +369,13 @@ ffi::Error LowbitStep(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer
     bool sorted = order_n == 256;
     for (int64_t i = 0; sorted && i < 256; i++) sorted = ord[i] == i;
     const float* ed = edge[k]->typed_data();
-    Book b{dec_pad[k], table[k]->typed_data(), ord, sorted,
+    for (int c = 0; c < 256; c++) {  // element 2j (high nibble) first in memory
+      uint32_t hi, lo;
+      std::memcpy(&hi, &dec_pad[k][c >> 4], 4);
+      std::memcpy(&lo, &dec_pad[k][c & 15], 4);
+      pairs[k][c] = static_cast<uint64_t>(hi) | static_cast<uint64_t>(lo) << 32;
+    }
+    Book b{dec_pad[k], pairs[k], table[k]->typed_data(), ord, sorted,
            edge[k]->element_count() == 2 ? bits_of(ed[0]) : 0,
            edge[k]->element_count() == 2 ? bits_of(ed[1]) : 0,
            static_cast<int32_t>(shift[k]), static_cast<int32_t>(q0[k]),
