@@ -19,7 +19,8 @@ row split into codes, scales, float32 leaves and other (``optim.state_bytes_brea
 
 Run:  python -m experiments.bench_optim            (full, ~10 min on 2 CPU cores)
       python -m experiments.bench_optim --quick    (tiny tree, seconds; run by the tests)
-Writes experiments/results/bench_optim.{json,md,png}.
+Writes experiments/results/bench_optim.{json,md,png} (``--out`` picks another folder). glibc's
+``MALLOC_*`` / ``GLIBC_TUNABLES`` settings in the environment are recorded with the command.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import functools
 import json
 import os
 import platform
+import sys
 import time
 from typing import NamedTuple
 
@@ -290,9 +292,15 @@ def main(argv=None):
     args = ap.parse_args(argv)
     sizes = [(64, 64, 2, 2)] if args.quick else args.sizes.split(",")
     rows = run(sizes, 2 if args.quick else args.reps, peers=not args.no_peers)
+    # The allocator settings the process runs under (glibc reads them at start-up): they move
+    # the `update` rows (the update temporary's fresh pages; experiments/README.md).
+    env = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items())
+                   if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES")
+    command = " ".join(["python -m experiments.bench_optim", *(argv if argv is not None
+                                                                 else sys.argv[1:])])
     meta = dict(machine=f"{platform.machine()} {os.cpu_count()} cores",
                 jax=jax.__version__, device=str(jax.devices()[0].device_kind),
-                command="python -m experiments.bench_optim" + (" --quick" if args.quick else ""))
+                command=(env + " " + command).strip())
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, "bench_optim" + ("_quick" if args.quick else ""))
     with open(stem + ".json", "w") as f:
