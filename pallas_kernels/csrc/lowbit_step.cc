@@ -166,95 +166,86 @@ struct Step {
   Rule rule;
 };
 
-// The rules of pallas_kernels/optim_update.py (adam_rule, lion_rule, sgd_rule, _tail) on one
-// block. The flags are template parameters: each instance is a straight loop that GCC
-// vectorizes (a runtime flag guarding the read of a possibly-null `p` kept it scalar, 14x
-// slower).
-template <bool kDecay, bool kApplyP, bool kNest>
-void adam_block(const Step& st, int64_t b, float* __restrict x0, float* __restrict x1) {
-  const int64_t bs = st.bs, o = b * bs;
-  const float* __restrict g = st.g + o;
-  const float* __restrict p = st.p + o;
-  float* __restrict out = st.out + o;
-  const float* s = st.s;
-  const float c1 = s[kC1], b1 = s[kB1], c2 = s[kC2], b2 = s[kB2], wd = s[kWd], lr = s[kLr];
-  const float bc1 = s[kBc1], bc2 = s[kBc2], bc1n = s[kBc1Next], eps_root = s[kEpsRoot],
-              eps = s[kEps];
-  for (int64_t i = 0; i < bs; i++) {
-    const float gi = g[i];
-    const float mu = c1 * gi + b1 * x0[i];
-    const float nu = c2 * (gi * gi) + b2 * x1[i];
+// The rules of pallas_kernels/optim_update.py (adam_rule, lion_rule, sgd_rule) on one element:
+// the update before the common tail, and the new moments (x0, x1) in place, stored as 0 where
+// not finite.
+struct AdamRule {
+  float c1, b1, c2, b2, bc1, bc2, bc1n, eps_root, eps;
+  explicit AdamRule(const float* s)
+      : c1(s[kC1]), b1(s[kB1]), c2(s[kC2]), b2(s[kB2]), bc1(s[kBc1]), bc2(s[kBc2]),
+        bc1n(s[kBc1Next]), eps_root(s[kEpsRoot]), eps(s[kEps]) {}
+  template <bool kNest>
+  float step(float gi, float& x0, float& x1) const {
+    const float mu = c1 * gi + b1 * x0;
+    const float nu = c2 * (gi * gi) + b2 * x1;
     const float mu_hat = kNest ? b1 * (mu / bc1n) + c1 * (gi / bc1) : mu / bc1;
-    float u = mu_hat / (__builtin_sqrtf(nu / bc2 + eps_root) + eps);
-    if (kDecay) u = u + wd * p[i];
-    u = lr * u;
-    u = finite(gi) ? u : 0.0f;
-    if (kApplyP) u = p[i] + u;
-    out[i] = u;
-    x0[i] = finite(mu) ? mu : 0.0f;
-    x1[i] = finite(nu) ? nu : 0.0f;
-  }
-}
-
-template <bool kDecay, bool kApplyP, bool kNest>
-void lion_block(const Step& st, int64_t b, float* __restrict x0, float* __restrict) {
-  const int64_t bs = st.bs, o = b * bs;
-  const float* __restrict g = st.g + o;
-  const float* __restrict p = st.p + o;
-  float* __restrict out = st.out + o;
-  const float* s = st.s;
-  const float c1 = s[kC1], b1 = s[kB1], c2 = s[kC2], b2 = s[kB2], wd = s[kWd], lr = s[kLr];
-  for (int64_t i = 0; i < bs; i++) {
-    const float gi = g[i];
-    const float z = c1 * gi + b1 * x0[i];
-    float u = z > 0.0f ? 1.0f : (z < 0.0f ? -1.0f : z);  // jnp.sign (0, -0, NaN kept)
-    const float mu = c2 * gi + b2 * x0[i];
-    if (kDecay) u = u + wd * p[i];
-    u = lr * u;
-    u = finite(gi) ? u : 0.0f;
-    if (kApplyP) u = p[i] + u;
-    out[i] = u;
-    x0[i] = finite(mu) ? mu : 0.0f;
-  }
-}
-
-// sgd: t = g + decay t_old; u = t (nesterov: g + decay t); decay in slot kB1. No weight decay.
-template <bool kDecay, bool kApplyP, bool kNest>
-void sgd_block(const Step& st, int64_t b, float* __restrict x0, float* __restrict) {
-  const int64_t bs = st.bs, o = b * bs;
-  const float* __restrict g = st.g + o;
-  const float* __restrict p = st.p + o;
-  float* __restrict out = st.out + o;
-  const float b1 = st.s[kB1], lr = st.s[kLr];
-  for (int64_t i = 0; i < bs; i++) {
-    const float gi = g[i];
-    const float t = gi + b1 * x0[i];
-    float u = kNest ? gi + b1 * t : t;
-    u = lr * u;
-    u = finite(gi) ? u : 0.0f;
-    if (kApplyP) u = p[i] + u;
-    out[i] = u;
-    x0[i] = finite(t) ? t : 0.0f;
-  }
-}
-
-template <template <bool, bool, bool> class R>
-struct Rules {
-  static Rule pick(int64_t flags) {
-    static constexpr Rule table[8] = {R<0, 0, 0>::f, R<1, 0, 0>::f, R<0, 0, 1>::f, R<1, 0, 1>::f,
-                                      R<0, 1, 0>::f, R<1, 1, 0>::f, R<0, 1, 1>::f, R<1, 1, 1>::f};
-    return table[(flags & kWeightDecay ? 1 : 0) | (flags & kNesterov ? 2 : 0) |
-                 (flags & kApply ? 4 : 0)];
+    x0 = finite(mu) ? mu : 0.0f;
+    x1 = finite(nu) ? nu : 0.0f;
+    return mu_hat / (__builtin_sqrtf(nu / bc2 + eps_root) + eps);
   }
 };
-template <bool a, bool b, bool c> struct Adam { static constexpr Rule f = adam_block<a, b, c>; };
-template <bool a, bool b, bool c> struct Lion { static constexpr Rule f = lion_block<a, b, c>; };
-template <bool a, bool b, bool c> struct Sgd { static constexpr Rule f = sgd_block<a, b, c>; };
+
+struct LionRule {
+  float c1, b1, c2, b2;
+  explicit LionRule(const float* s) : c1(s[kC1]), b1(s[kB1]), c2(s[kC2]), b2(s[kB2]) {}
+  template <bool>
+  float step(float gi, float& x0, float&) const {
+    const float z = c1 * gi + b1 * x0;
+    const float u = z > 0.0f ? 1.0f : (z < 0.0f ? -1.0f : z);  // jnp.sign (0, -0, NaN kept)
+    const float mu = c2 * gi + b2 * x0;
+    x0 = finite(mu) ? mu : 0.0f;
+    return u;
+  }
+};
+
+struct SgdRule {  // t = g + decay t_old; u = t (nesterov: g + decay t); decay in slot kB1
+  float decay;
+  explicit SgdRule(const float* s) : decay(s[kB1]) {}
+  template <bool kNest>
+  float step(float gi, float& x0, float&) const {
+    const float t = gi + decay * x0;
+    x0 = finite(t) ? t : 0.0f;
+    return kNest ? gi + decay * t : t;
+  }
+};
+
+// A rule on one block, with optim_update._tail (decayed weights, learning rate), no update
+// where the gradient is not finite, and the parameter added with kApplyP. The flags are
+// template parameters: each instance is a straight loop that GCC vectorizes (a runtime flag
+// guarding the read of a possibly-null `p` kept the Adam loop scalar, 14x slower).
+template <class R, bool kDecay, bool kApplyP, bool kNest>
+void rule_block(const Step& st, int64_t b, float* __restrict x0, float* __restrict x1) {
+  const int64_t bs = st.bs, o = b * bs;
+  const float* __restrict g = st.g + o;
+  const float* __restrict p = kDecay || kApplyP ? st.p + o : nullptr;
+  float* __restrict out = st.out + o;
+  const R rule(st.s);
+  const float wd = st.s[kWd], lr = st.s[kLr];
+  for (int64_t i = 0; i < bs; i++) {
+    const float gi = g[i];
+    float u = rule.template step<kNest>(gi, x0[i], x1[i]);
+    if (kDecay) u = u + wd * p[i];
+    u = lr * u;
+    u = finite(gi) ? u : 0.0f;
+    if (kApplyP) u = p[i] + u;
+    out[i] = u;
+  }
+}
+
+template <class R>
+Rule pick(int64_t flags) {
+  static constexpr Rule table[8] = {
+      rule_block<R, 0, 0, 0>, rule_block<R, 1, 0, 0>, rule_block<R, 0, 0, 1>,
+      rule_block<R, 1, 0, 1>, rule_block<R, 0, 1, 0>, rule_block<R, 1, 1, 0>,
+      rule_block<R, 0, 1, 1>, rule_block<R, 1, 1, 1>};
+  return table[(flags & kWeightDecay ? 1 : 0) | (flags & kNesterov ? 2 : 0) |
+               (flags & kApply ? 4 : 0)];
+}
 
 Rule pick_rule(int64_t algo, int64_t flags) {
-  if (algo == kAdam) return Rules<Adam>::pick(flags);
-  if (algo == kLion) return Rules<Lion>::pick(flags);
-  return Rules<Sgd>::pick(flags);
+  if (algo == kAdam) return pick<AdamRule>(flags);
+  if (algo == kLion) return pick<LionRule>(flags);
+  return pick<SgdRule>(flags);
 }
 
 void run_blocks(const Step& st, int64_t lo, int64_t hi) {

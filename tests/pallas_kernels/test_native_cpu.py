@@ -107,6 +107,7 @@ CASES = [  # (algo, scalars, apply)
     ("lion", dict(b1=0.95, b2=0.98, lr=-1e-4), True),
     ("sgd", dict(decay=0.9, nesterov=False, lr=-0.1), False),
     ("sgd", dict(decay=0.8, nesterov=True, lr=-0.1), True),
+    ("sgd", dict(decay=0.9, nesterov=False, wd=0.01, lr=-0.1), False),  # decayed weights
 ]
 
 
