@@ -14,7 +14,9 @@
 // is the bucket's `lo` below T, lo + 1 from T up. One 32-bit table entry per bucket holds both
 // (native_cpu._search_tables): T's low bits relative to the bucket's first float, so the
 // comparison is on the integer bits of |y|, one gather per element. Bucket 0 also holds every
-// |y| below its first float (down to 0), so its thresholds are compared as floats. Non-finite
+// |y| below its first float (down to 0), so its thresholds are compared as floats. Codebooks of
+// at most 16 values (4-bit) skip the table: the sorted index is the count of the (at most 15)
+// thresholds <= y, computed here from the values as effjax.quant does. Non-finite
 // gradients: the update of that element is 0 and non-finite new moments are stored as 0
 // (effjax.optim.quantize_state).
 //
@@ -24,6 +26,7 @@
 // the high nibble. Loops are written so that GCC vectorizes them (no calls, no early exits).
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
@@ -54,6 +57,8 @@ struct Book {  // a codebook: decode table and the nearest-code bucket table
   const int32_t* table;    // per bucket: t << 8 | lo (see encode_block)
   const int32_t* order;    // sorted index -> code (256 entries)
   bool sorted;             // order is the identity
+  bool direct;             // <= 16 values: search by counting thresholds (thr16)
+  float thr16[15];         // the sorted values' decision thresholds, +inf padded
   int32_t edge_pos, edge_neg;  // bucket 0's thresholds (float bits; +inf if none)
   int32_t shift, q0, buckets, half;  // buckets per sign; negative side starts at `half`
 };
@@ -104,7 +109,7 @@ void decode_block(const Moment& m, int64_t b, int64_t bs, int bits, float* __res
 // <= t (negative side). A bucket without a threshold has t = 2**shift + 1 (positive; key is
 // capped at 2**shift) or -2 (negative). Written without branches or bool selects so that GCC
 // vectorizes it (one gather per element).
-void search_block(const Book& k, int64_t bs, const float* __restrict x, float pre, float inv,
+void table_search(const Book& k, int64_t bs, const float* __restrict x, float pre, float inv,
                   int32_t* __restrict idx) {
   const int32_t shift = k.shift, q0 = k.q0, nb = k.buckets, half = k.half, top = 1 << shift;
   const int32_t edge_pos = k.edge_pos, edge_neg = k.edge_neg;
@@ -122,6 +127,22 @@ void search_block(const Book& k, int64_t bs, const float* __restrict x, float pr
     const int32_t hit0 = y >= float_of((edge_pos & ~sign) | (edge_neg & sign));
     const int32_t in0 = -static_cast<int32_t>(q == 0);
     idx[i] = (e & 255) + ((hit0 & in0) | (hit & ~in0));
+  }
+}
+
+// The sorted index of the nearest value, then the code (`order`) if the codebook is unsorted.
+void search_block(const Book& k, int64_t bs, const float* __restrict x, float pre, float inv,
+                  int32_t* __restrict idx) {
+  if (k.direct) {  // <= 16 values: the sorted index is the count of thresholds <= y
+    const float* __restrict thr = k.thr16;
+    for (int64_t i = 0; i < bs; i++) {
+      const float y = (x[i] * pre) * inv;
+      int32_t count = 0;
+      for (int t = 0; t < 15; t++) count += y >= thr[t];
+      idx[i] = count;
+    }
+  } else {
+    table_search(k, bs, x, pre, inv, idx);
   }
   if (!k.sorted) {
     const int32_t* __restrict order = k.order;
@@ -288,6 +309,21 @@ void parallel_for(ffi::ThreadPool& pool, int64_t n, int64_t grain, const F& f) {
   while (sh->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
 }
 
+// effjax.quant._search._thresholds for a codebook of <= 16 values: the float32 midpoint of
+// each pair of neighbouring sorted values, rounded up where rounding fell below it, so
+// y >= T_k <=> the nearest sorted index exceeds k (ties to the larger value).
+void set_thresholds(Book& b, int64_t n) {
+  for (int t = 0; t < 15; t++) b.thr16[t] = std::numeric_limits<float>::infinity();
+  for (int64_t t = 0; t + 1 < n; t++) {
+    const double mid = (static_cast<double>(b.dec[b.order[t] & 255]) +
+                        static_cast<double>(b.dec[b.order[t + 1] & 255])) / 2.0;
+    float f = static_cast<float>(mid);
+    if (static_cast<double>(f) < mid) f = std::nextafter(f, std::numeric_limits<float>::infinity());
+    b.thr16[t] = f;
+  }
+  b.direct = true;
+}
+
 // Table sizes only: a table entry only ever indexes the 256-entry order table (masked), and
 // decoding reads a 256-entry copy of the decode table (see LowbitStep), so no table content
 // can make the kernel read or write out of bounds.
@@ -366,7 +402,7 @@ ffi::Error LowbitStep(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer
       std::memcpy(&lo, &dec_pad[k][c & 15], 4);
       pairs[k][c] = static_cast<uint64_t>(hi) | static_cast<uint64_t>(lo) << 32;
     }
-    Book b{dec_pad[k], pairs[k], table[k]->typed_data(), ord, sorted,
+    Book b{dec_pad[k], pairs[k], table[k]->typed_data(), ord, sorted, false, {},
            edge[k]->element_count() == 2 ? bits_of(ed[0]) : 0,
            edge[k]->element_count() == 2 ? bits_of(ed[1]) : 0,
            static_cast<int32_t>(shift[k]), static_cast<int32_t>(q0[k]),
@@ -376,6 +412,7 @@ ffi::Error LowbitStep(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer
     if (e.failure()) return e;
     if (bits == 4 && dec[k]->element_count() > 16)
       return ffi::Error::InvalidArgument("lowbit_step: 4-bit codes need <= 16 values");
+    if (dec[k]->element_count() <= 16) set_thresholds(b, dec[k]->element_count());
     st.mom[k] = Moment{codes[k]->typed_data(), absmax[k]->typed_data(),
                        (*ocodes[k])->typed_data(), (*oabs[k])->typed_data(), b,
                        (flags & kBf16Scale) != 0};
