@@ -12,7 +12,7 @@ The kernels return a :class:`~effjax.quant.QuantizedArray` with the same codes (
 the same absmax (exactly) as the reference, so the two are interchangeable anywhere.
 
 How the kernel tiles the array: the parameter is viewed as a 2-D ``(rows, L)`` array (``L`` the
-merged blocking length of :func:`effjax.quant.block_layout`, ``rows`` the product of the other
+blocking length of :func:`effjax.quant.block_view`, ``rows`` the product of its other
 axes); a program handles ``R`` rows times ``C`` whole blocks. Sizes that are not multiples of
 the block are handled in the kernel: the columns past ``L`` are masked (they count as zeros in
 the absmax, exactly as the reference's zero padding, and are never written), so no padded copy
@@ -58,7 +58,7 @@ from effjax.quant import (  # the reference's own search (bit-exactness)
     QuantizedArray,
     _dynamic_map,
     _search,
-    block_layout,
+    block_view,
 )
 from effjax.quant import dequantize_blockwise as _dequantize_ref
 from effjax.quant import quantize_blockwise as _quantize_ref
@@ -132,12 +132,14 @@ def make_layout(shape, block_size: int, bits: int, *, interpret: bool,
                 tile_elems: int | None = None) -> Layout:
     """Tiling of an array of ``shape`` quantized in blocks of ``block_size`` (``bits`` 8 or 4)."""
     shape = tuple(int(s) for s in shape)
-    k, length = block_layout(shape, block_size)
-    rows = math.prod(shape[: len(shape) - k])
+    view = block_view(shape, block_size)
+    rows, length = math.prod(view[:-1]), view[-1]
     nblocks = -(-length // block_size)
     if bits == 4 and block_size % 2:
         raise ValueError(f"4-bit codes pack two a byte: block_size must be even, got {block_size}")
-    pack_in_kernel = bits == 8 or k == 1 or shape[-1] % 2 == 0
+    # A byte pair straddles two rows of the view only with an odd last axis that was merged
+    # or grouped (the view's rows are not the parameter's rows).
+    pack_in_kernel = bits == 8 or shape[-1] % 2 == 0 or view == shape
     if tile_elems is None:
         tile_elems = _TILE_ELEMS_INTERPRET if interpret else _TILE_ELEMS
     c = min(_pow2_floor(nblocks), _pow2_floor(max(1, tile_elems // block_size)))
@@ -405,8 +407,7 @@ def codes_from_2d(codes, lay: Layout):
 
 
 def absmax_shape(lay: Layout) -> tuple[int, ...]:
-    k = block_layout(lay.shape, lay.block_size)[0]
-    return lay.shape[: len(lay.shape) - k] + (lay.nblocks,)
+    return block_view(lay.shape, lay.block_size)[:-1] + (lay.nblocks,)
 
 
 def specs(lay: Layout):

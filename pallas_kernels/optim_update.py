@@ -76,7 +76,7 @@ import numpy as np
 import optax
 from jax.experimental import pallas as pl
 
-from effjax.quant import QuantizedArray, block_layout, dequantize_blockwise, quantize_blockwise
+from effjax.quant import QuantizedArray, block_view, dequantize_blockwise, quantize_blockwise
 from pallas_kernels import blockwise as bw
 
 __all__ = [
@@ -216,10 +216,10 @@ def _chunk_view(shape, block_size: int, bits: int):
 
     The view is a free reshape when the blocking length ``L`` is a multiple of the block (no
     padded block) and 4-bit byte pairs never straddle two original rows (even last axis)."""
-    k, length = block_layout(tuple(shape), block_size)
-    if length % block_size or (bits == 4 and (block_size % 2 or shape[-1] % 2)):
+    view = block_view(tuple(shape), block_size)
+    if view[-1] % block_size or (bits == 4 and (block_size % 2 or shape[-1] % 2)):
         return None
-    return math.prod(shape[: len(shape) - k]) * (length // block_size)
+    return math.prod(view[:-1]) * (view[-1] // block_size)
 
 
 def fused_update_chunked(rule, g, p, moments, scalars, *, chunk_elems: int | None = None,

@@ -6,6 +6,7 @@ The shared numeric core of effjax; optimizers, weight quantization and kernels b
 from effjax.quant.blockwise import (
     QuantizedArray,
     block_layout,
+    block_view,
     dequantize_blockwise,
     quantize_blockwise,
     round_scale,
@@ -22,6 +23,7 @@ from effjax.quant.codebooks import (
 __all__ = [
     "QuantizedArray",
     "block_layout",
+    "block_view",
     "dequantize_blockwise",
     "quantize_blockwise",
     "round_scale",

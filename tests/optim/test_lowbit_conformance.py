@@ -429,8 +429,10 @@ def test_sharded_update_keeps_parameter_sharding(factory):
     assert jax.device_count() >= 8, "tests/conftest.py sets 8 CPU devices"
     mesh = jax.make_mesh((2, 4), ("data", "model"),
                          axis_types=(jax.sharding.AxisType.Auto,) * 2)
-    specs = {"w": P("data", "model"), "v": P("model", None), "b": P("model")}
-    shapes = {"w": (512, 1024), "v": (1024, 512), "b": (1024,)}  # b: float32 state
+    specs = {"w": P("data", "model"), "v": P("model", None), "b": P("model"),
+             "x": P("model", None)}
+    # b: float32 state; x: 8-bit, rows of 384 grouped in pairs (whole blocks; 256 rows a shard)
+    shapes = {"w": (512, 1024), "v": (1024, 512), "b": (1024,), "x": (1024, 384)}
     r = np.random.default_rng(7)
     params, grads = ({k: jax.device_put(jnp.asarray(r.normal(size=s), jnp.float32),
                                         NamedSharding(mesh, specs[k]))
@@ -454,7 +456,12 @@ def test_sharded_update_keeps_parameter_sharding(factory):
                                jax.tree.leaves(want), strict=True):
         n_codes += got.dtype == jnp.uint8
         assert got.sharding.is_equivalent_to(sh, got.ndim), (jax.tree_util.keystr(path), sh)
-    assert n_codes == 4  # mu and nu of w and v are quantized
+    assert n_codes == 6  # mu and nu of w, v and x are quantized
+    grouped = [q for q in jax.tree.leaves(new_state, is_leaf=_isq)
+               if _isq(q) and q.shape[-1] == 384]
+    for q in grouped:  # 8-bit: pairs of rows, 3 blocks of 256; 4-bit: 3 blocks of 128 a row
+        assert q.absmax.shape == {256: (512, 3), 128: (1024, 3)}[q.block_size]
+    assert len(grouped) == 2
     for k in shapes:
         assert updates[k].sharding.is_equivalent_to(params[k].sharding, updates[k].ndim)
 

@@ -17,7 +17,8 @@ CODEBOOKS = {
 }
 
 # (codebook, shape, block_size, dtype, tile_elems): 1-D, non-multiples of the block, leading
-# dims, merged short trailing axes (odd last axis: the 4-bit packing outside the kernel), bf16.
+# dims, merged short trailing axes (odd last axis: the 4-bit packing outside the kernel), bf16,
+# grouped rows.
 CASES = [
     ("dynamic_signed", (1000,), 256, jnp.float32, None),
     ("dynamic_signed", (3, 700), 256, jnp.bfloat16, 512),  # 2x2 tiles, ragged at both edges
@@ -27,6 +28,11 @@ CASES = [
     ("adam4_first", (40, 3), 64, jnp.bfloat16, None),
     ("adam4_second", (2, 3, 130), 128, jnp.float32, None),
     ("adam4_second", (7,), 128, jnp.float32, None),
+    # rows grouped into whole blocks (effjax.quant.block_view): pairs of 384-wide rows; merged
+    # then grouped; an odd last axis grouped by four (4-bit packing outside the kernel)
+    ("dynamic_signed", (6, 384), 256, jnp.float32, None),
+    ("adam4_first", (4, 3, 96), 128, jnp.bfloat16, None),
+    ("adam4_second", (8, 4, 11), 4, jnp.float32, None),
 ]
 
 

@@ -142,13 +142,29 @@ def _as_ref(q):
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("algo,s,apply", CASES)
 def test_kernel_equals_numpy_reference(bits, algo, s, apply, scale_dtype):
-    shape = (6, 1024) if bits == 8 else (3, 2, 512)
+    _check_against_reference(bits, algo, s, apply, scale_dtype,
+                             (6, 1024) if bits == 8 else (3, 2, 512))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("algo,s,apply", CASES)
+def test_kernel_equals_numpy_reference_on_grouped_rows(bits, algo, s, apply):
+    """Rows shorter than a whole number of blocks (a hidden size of 384 with blocks of 256,
+    192 with 128) are grouped in pairs (effjax.quant.block_view): the blocks are the flat
+    blocks of the reference, and the kernel takes the leaf."""
+    shape = (6, 384) if bits == 8 else (6, 192)
+    assert Q.block_view(shape, BOOKS[bits][2]) == (3, 2 * shape[1])
+    _check_against_reference(bits, algo, s, apply, jnp.float32, shape)
+
+
+def _check_against_reference(bits, algo, s, apply, scale_dtype, shape):
     g, p, qm, qv = _leaf(bits, shape, seed=bits, scale_dtype=scale_dtype)
     moms = (qm, qv) if algo == "adam" else (qm,)
     scal = {k: (jnp.float32(v) if k.startswith("bc") else v) for k, v in s.items()}
     uses_p = apply or "wd" in s
-    out, new = jax.jit(lambda g, p, ms: N.lowbit_step(algo, g, p, ms, scal, apply=apply))(
-        g, p if uses_p else None, moms)
+    step = jax.jit(lambda g, p, ms: N.lowbit_step(algo, g, p, ms, scal, apply=apply))
+    assert "effjax_lowbit_step" in step.lower(g, p if uses_p else None, moms).as_text()
+    out, new = step(g, p if uses_p else None, moms)
     bf16 = scale_dtype == jnp.bfloat16
     ref_out, ref_new = _reference(algo, g, p, [_as_ref(q) for q in moms], s, apply, bf16)
     np.testing.assert_array_equal(np.asarray(out), ref_out)
@@ -287,13 +303,16 @@ def one_device(monkeypatch):
 
 def test_auto_is_the_native_kernel_on_single_device_cpu(one_device):
     assert K.select_path(None, name="x") == "native"
-    params = {"w": jnp.zeros((8, 512)), "b": jnp.zeros((10,))}
+    params = {"w": jnp.zeros((8, 512)), "b": jnp.zeros((10,)), "h": jnp.zeros((6, 384)),
+              "odd": jnp.zeros((5, 384))}
     jaxpr = str(jax.make_jaxpr(O.adamw_8bit(1e-3, min_quantized_size=1000).update)(
         params, O.adamw_8bit(1e-3, min_quantized_size=1000).init(params), params))
-    assert jaxpr.count("effjax_lowbit_step") == 1  # "w" only; "b" keeps float32 state
+    # "w", and "h" (rows grouped in pairs: whole blocks); "b" keeps float32 state, and "odd"
+    # (5 rows of 384 cannot pair up: each row ends in a short block) takes the jnp step.
+    assert jaxpr.count("effjax_lowbit_step") == 2
     opt = O.adamw_8bit(1e-3, min_quantized_size=1000, scale_dtype=jnp.bfloat16)
     jaxpr = str(jax.make_jaxpr(opt.update)(params, opt.init(params), params))
-    assert jaxpr.count("effjax_lowbit_step") == 1  # bfloat16 scales too
+    assert jaxpr.count("effjax_lowbit_step") == 2  # bfloat16 scales too
 
 
 # ------------------------------------------------------------------ through the optimizers
@@ -301,6 +320,7 @@ def test_auto_is_the_native_kernel_on_single_device_cpu(one_device):
 PARAMS = {
     "a": jnp.zeros((8, 1024)),  # native
     "e": jnp.zeros((2, 16, 64), jnp.bfloat16),  # bf16: the jnp step
+    "h": jnp.zeros((4, 384)),  # rows grouped in pairs (whole blocks): native
     "pad": jnp.zeros((3, 1400)),  # a padded last block: the jnp step
     "small": jnp.zeros((10,)),  # float32 state
 }

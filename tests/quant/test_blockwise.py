@@ -5,6 +5,7 @@ brute-force float64 nearest-code search, the documented block layout), or exact 
 """
 
 import functools
+import math
 
 import bitsandbytes.functional as bnbf
 import jax
@@ -17,7 +18,13 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from effjax import quant
-from effjax.quant import QuantizedArray, block_layout, dequantize_blockwise, quantize_blockwise
+from effjax.quant import (
+    QuantizedArray,
+    block_layout,
+    block_view,
+    dequantize_blockwise,
+    quantize_blockwise,
+)
 
 CODEBOOKS = {
     "dyn8": quant.dynamic_codebook(signed=True),
@@ -56,15 +63,27 @@ def _dists(y, cb, chunk=1 << 14):
     return dmin, nmin
 
 
-def _normalized(x, block):
-    """(y, absmax per element) by the documented layout: the fewest trailing axes reaching
-    ``block`` are merged, blocks run along them, y = x * (1 / absmax) in float32 (0 if absmax=0)."""
-    x = np.asarray(x, np.float32)
-    k, length = 1, x.shape[-1]
-    while length < block and k < x.ndim:
+def _view(shape, block):
+    """The documented blocking view ``(lead, L)``: the fewest trailing axes reaching ``block``
+    are merged into L; if L is not a multiple of the block, g = block / gcd(L, block) rows are
+    grouped into one when the axis before divides by g."""
+    k, length = 1, shape[-1]
+    while length < block and k < len(shape):
         k += 1
-        length *= x.shape[-k]
-    lead, nb = x.shape[:x.ndim - k], -(-length // block)
+        length *= shape[-k]
+    lead = tuple(shape[:len(shape) - k])
+    g = block // math.gcd(length, block)
+    if length % block and lead and lead[-1] % g == 0:
+        lead, length = lead[:-1] + (lead[-1] // g,), g * length
+    return lead, length
+
+
+def _normalized(x, block):
+    """(y, absmax per element) by the documented layout (:func:`_view`), blocks along its last
+    axis, y = x * (1 / absmax) in float32 (0 if absmax=0)."""
+    x = np.asarray(x, np.float32)
+    lead, length = _view(x.shape, block)
+    nb = -(-length // block)
     flat = np.zeros(lead + (nb * block,), np.float32)
     flat[..., :length] = x.reshape(lead + (length,))
     b = flat.reshape(lead + (nb, block))
@@ -232,6 +251,12 @@ def test_half_precision_inputs(x32, dtype, name):
     ((5, 3), "dyn8", 256, (5, 3), (1,), 2),
     ((3, 9), "grid8", 8, (3, 5), (3, 2), 1),
     ((3, 9), "lin17", 8, (3, 9), (3, 2), 1),
+    # rows grouped so that blocks are whole: 2 rows of 384 = 3 blocks, 4 rows of 576 = 9
+    ((6, 384), "dyn8", 256, (6, 384), (3, 3), 1),
+    ((8, 576), "nf4", 256, (8, 288), (2, 9), 1),
+    ((2, 4, 8, 48), "dyn8", 256, (2, 4, 8, 48), (2, 2, 3), 2),
+    ((8, 2, 3), "lin4", 4, (8, 2, 2), (4, 3), 2),  # odd last axis, 4-bit, grouped
+    ((5, 384), "dyn8", 256, (5, 384), (5, 2), 1),  # 5 rows: no whole groups of 2, short blocks
 ])
 def test_layout(shape, name, block, codes_shape, absmax_shape, axes):
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
@@ -243,7 +268,12 @@ def test_layout(shape, name, block, codes_shape, absmax_shape, axes):
     if shape == (512, 8, 64):  # a block = 4 consecutive heads of one row
         ref = np.abs(x).reshape(512, 2, 4 * 64).max(-1)
         np.testing.assert_array_equal(np.asarray(q.absmax), ref)
+    if shape in [(6, 384), (8, 576)]:  # grouped rows: bitsandbytes' flat blocks
+        ref = np.abs(x).reshape(-1, block).max(-1).reshape(absmax_shape)
+        np.testing.assert_array_equal(np.asarray(q.absmax), ref)
     assert block_layout(shape, block)[0] == axes
+    assert block_view(shape, block) == q.block_view == absmax_shape[:-1] + (
+        int(np.prod(shape)) // int(np.prod(absmax_shape[:-1])),)
 
 
 @pytest.mark.parametrize("name", ["dyn8", "dyn8u", "nf4", "fp4", "grid8", "lin17"])
@@ -456,8 +486,7 @@ def test_bfloat16_scales(name, shape, block):
 
 def _expand_scales(s, shape, block):
     """Per-block scales ``lead + (nblocks, block)`` -> per element of ``shape`` (the layout)."""
-    k, length = block_layout(shape, block)
-    lead = shape[:len(shape) - k]
+    lead, length = _view(shape, block)
     return np.asarray(s).reshape(lead + (-1,))[..., :length].reshape(shape)
 
 
