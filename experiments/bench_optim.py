@@ -17,7 +17,13 @@ optimizer through ``effjax.optim.fused_apply``, where the kernel writes the para
 (``scale_dtype=jnp.bfloat16``). The Markdown output ends with the state bytes of every low-bit
 row split into codes, scales, float32 leaves and other (``optim.state_bytes_breakdown``).
 
-Run:  python -m experiments.bench_optim            (full, ~10 min on 2 CPU cores)
+Real models: ``MiniLM-L6`` (all-MiniLM-L6-v2's tree, hidden size 384, random values) is timed
+like the synthetic trees; its rows of 384 are not whole blocks of 256, so it exercises the
+grouped-row layout (``effjax.quant.block_view``). A last table gives the state bytes of the
+low-bit rows on MiniLM-L6, SmolLM2-135M and LLaMA-2-7B (``experiments/model_trees.py``; shapes
+only, ``jax.eval_shape``), next to the same tree in the anchors' flat-block layout.
+
+Run:  python -m experiments.bench_optim            (full, ~12 min on 2 CPU cores)
       python -m experiments.bench_optim --quick    (tiny tree, seconds; run by the tests)
 Writes experiments/results/bench_optim.{json,md,png} (``--out`` picks another folder). glibc's
 ``MALLOC_*`` / ``GLIBC_TUNABLES`` settings in the environment are recorded with the command.
@@ -42,6 +48,7 @@ import optax
 from effjax import optim
 from effjax.optim.fira import fira_adamw
 from effjax.optim.galore import galore_adamw
+from experiments import model_trees
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
@@ -201,9 +208,12 @@ def time_torch(params, grads, reps):
 def run(sizes, reps, peers=True):
     rows = []
     for size in sizes:
-        vocab, d, layers, heads = SIZES[size] if size in SIZES else size
-        size = size if size in SIZES else "x".join(map(str, size))
-        params = transformer_tree(vocab, d, layers, heads)
+        if size in model_trees.MODELS:  # a real model's tree, random values
+            params, d = model_trees.random_tree(size), model_trees.hidden_size(size)
+        else:
+            vocab, d, layers, heads = SIZES[size] if size in SIZES else size
+            size = size if size in SIZES else "x".join(map(str, size))
+            params = transformer_tree(vocab, d, layers, heads)
         n = sum(x.size for x in jax.tree.leaves(params))
         grads = jax.tree.map(lambda x: x * 0.01 + 1e-4, params)
         timed = time_interleaved(optimizers(d), params, grads, reps)
@@ -230,7 +240,48 @@ def run(sizes, reps, peers=True):
     return rows
 
 
-def to_markdown(rows, meta):
+#: The rows of the real-model state table (the same optimizers as the timed rows).
+STATE_ROWS = ("optax.adamw", "adamw_8bit", "adamw_8bit (bf16 scales)", "adamw_4bit",
+              "adamw_4bit (bf16 scales)")
+
+
+def flat_layout_bytes(shapes, bits, scale_bytes=4, block=None, min_size=4096):
+    """State bytes of two Adam moments in bitsandbytes'/torchao's layout, written plainly:
+    each tensor of at least ``min_size`` elements cut into flat blocks over all its elements
+    (codes ``bits / 8`` bytes each, one scale per block), smaller ones two float32 moments.
+    The step counter is not counted."""
+    block = block or (256 if bits == 8 else 128)
+    total = 0
+    for x in jax.tree.leaves(shapes):
+        n = int(np.prod(x.shape))
+        total += (2 * (-(-n * bits // 8) + -(-n // block) * scale_bytes) if n >= min_size
+                  else 8 * n)
+    return total
+
+
+def model_state_bytes(names):
+    """State bytes per parameter on real models' trees (shapes only: ``jax.eval_shape`` of
+    ``init``), by kind, with the flat-block layout of the anchors on the same tree."""
+    opts = optimizers()
+    rows = []
+    for name in names:
+        shapes = model_trees.param_shapes(name)
+        n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+        for opt_name in STATE_ROWS:
+            by_kind = optim.state_bytes_breakdown(jax.eval_shape(opts[opt_name].init, shapes))
+            row = dict(model=name, params=n, optimizer=opt_name,
+                       bytes_per_param=sum(by_kind.values()) / n,
+                       by_kind={k: v / n for k, v in by_kind.items()}, flat_layout=None)
+            if opt_name != "optax.adamw":
+                bits = 8 if "8bit" in opt_name else 4
+                flat = flat_layout_bytes(shapes, bits, 2 if "bf16" in opt_name else 4)
+                row["flat_layout"] = (flat + by_kind["other"]) / n
+            rows.append(row)
+            print(f"{name:>13} {opt_name:26s} {row['bytes_per_param']:7.4f} B/param", flush=True)
+    return rows
+
+
+def to_markdown(rows, meta, model_rows=()):
     lines = [f"Machine: {meta['machine']}; jax {meta['jax']} on {meta['device']}; "
              f"command: `{meta['command']}`", "",
              "| size | params | optimizer | state B/param | step ms | ratio |",
@@ -251,6 +302,19 @@ def to_markdown(rows, meta):
             continue
         lines.append(f"| {r['size']} | {r['optimizer']} | {k['codes']:.4f} | {k['scales']:.4f} "
                      f"| {k['float']:.4f} | {k['other']:.6f} | {r['bytes_per_param']:.4f} |")
+    if model_rows:
+        lines += ["", "State bytes per parameter on real models' parameter trees (shapes only; "
+                  "`flat layout`: the same tree in bitsandbytes'/torchao's flat blocks, "
+                  "written plainly, for comparison):", "",
+                  "| model | params | optimizer | codes | scales | float | total | "
+                  "flat layout |",
+                  "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+        for r in model_rows:
+            k = r["by_kind"]
+            flat = "" if r["flat_layout"] is None else f"{r['flat_layout']:.4f}"
+            lines.append(f"| {r['model']} | {r['params']:,} | {r['optimizer']} | "
+                         f"{k['codes']:.4f} | {k['scales']:.4f} | {k['float']:.4f} | "
+                         f"{r['bytes_per_param']:.4f} | {flat} |")
     return "\n".join(lines) + "\n"
 
 
@@ -285,13 +349,15 @@ def plot(rows, path):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny tree, 2 repetitions")
-    ap.add_argument("--sizes", default="1M,10M,50M")
+    ap.add_argument("--sizes", default="1M,10M,50M,MiniLM-L6",
+                    help="comma-separated: 1M, 10M, 50M, or a model of experiments/model_trees.py")
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--out", default=RESULTS)
     args = ap.parse_args(argv)
     sizes = [(64, 64, 2, 2)] if args.quick else args.sizes.split(",")
     rows = run(sizes, 2 if args.quick else args.reps, peers=not args.no_peers)
+    model_rows = model_state_bytes(list(model_trees.MODELS))
     # The allocator settings the process runs under (glibc reads them at start-up): they move
     # the `update` rows (the update temporary's fresh pages; experiments/README.md).
     env = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items())
@@ -304,8 +370,8 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, "bench_optim" + ("_quick" if args.quick else ""))
     with open(stem + ".json", "w") as f:
-        json.dump(dict(meta=meta, rows=rows), f, indent=1)
-    md = to_markdown(rows, meta)
+        json.dump(dict(meta=meta, rows=rows, model_rows=model_rows), f, indent=1)
+    md = to_markdown(rows, meta, model_rows)
     with open(stem + ".md", "w") as f:
         f.write(md)
     plot(rows, stem + ".png")
