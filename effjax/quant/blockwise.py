@@ -344,6 +344,13 @@ def dequantize_blockwise(q: QuantizedArray, *, tables: bool | None = None) -> ja
     """
     if not isinstance(q, QuantizedArray):
         raise TypeError(f"dequantize_blockwise needs a QuantizedArray, got {type(q).__name__}")
+    view = block_view(q.shape, q.block_size)
+    want = view[:-1] + (-(-view[-1] // q.block_size),)
+    if tuple(q.absmax.shape) != want:
+        raise ValueError(
+            f"QuantizedArray of shape {q.shape}, block {q.block_size}: absmax has shape "
+            f"{tuple(q.absmax.shape)}, the layout (block_view {view}) needs {want}; was it "
+            "written by another version of effjax's block layout?")
     codes = q.codes
     if q.bits == 4:
         codes = _unpack4(codes, q.shape[-1])

@@ -4,6 +4,7 @@ Every expected value here comes from bitsandbytes (CPU), numpy written in this f
 brute-force float64 nearest-code search, the documented block layout), or exact math.
 """
 
+import dataclasses
 import functools
 import math
 
@@ -379,6 +380,16 @@ def test_invalid_arguments(x, kwargs, exc):
 def test_dequantize_rejects_non_quantized():
     with pytest.raises(TypeError):
         dequantize_blockwise(jnp.ones(4))
+
+
+def test_dequantize_rejects_scales_of_another_layout():
+    """Scales laid out per row (a short last block each, the layout before rows were grouped)
+    would broadcast against the grouped blocks: refused, naming the shapes."""
+    q = quantize_blockwise(jnp.ones((4, 384)), codebook=CODEBOOKS["dyn8"], block_size=256)
+    assert q.absmax.shape == (2, 3)
+    old = dataclasses.replace(q, absmax=jnp.ones((4, 2)))
+    with pytest.raises(ValueError, match=r"absmax has shape \(4, 2\).*needs \(2, 3\)"):
+        dequantize_blockwise(old)
 
 
 # -------------------------------------------------------------------- 6. jit and pytrees
