@@ -304,12 +304,15 @@ def lowbit_step(algo: str, g, p, moments, scalars: dict, *, apply: bool = False,
         attrs.update({f"shift{k}": np.int64(shift), f"q0{k}": np.int64(qq),
                       f"buckets{k}": np.int64(buckets), f"half{k}": np.int64(half)})
     # Codes and scales are updated in place (a block is decoded before its codes are
-    # written), and with apply=True the parameter too.
+    # written). The first output is written over the parameter with apply=True, else over the
+    # gradient (each element's gradient is read before its update is written): in a training
+    # step whose gradients are temporaries (computed in the same jit) the update then needs no
+    # buffer of its own (one leaf-sized temporary less, and no fresh pages to fault in); where
+    # the gradient is still needed, or is an argument of the jitted function, XLA copies it.
     aliases = {3: 1, 4: 2}
     if n_mom == 2:
         aliases.update({9: 3, 10: 4})
-    if apply:
-        aliases[1] = 0
+    aliases[1 if apply else 0] = 0
     call = jax.ffi.ffi_call(_TARGET, out_types, input_output_aliases=aliases,
                             vmap_method="sequential")
     out, c0, a0, c1, a1 = call(*args, **attrs)

@@ -403,6 +403,45 @@ def test_optimizers_native_close_to_unfused_path(name, one_device):
         assert all(np.isfinite(np.asarray(q.absmax)).all() for q in _quantized(s1))
 
 
+def test_update_is_written_over_a_temporary_gradient(one_device):
+    """In a step whose gradient is computed in the same jit, the update takes the gradient's
+    buffer: one leaf-sized temporary (the gradient) where it would be two (gradient and
+    update); a gradient used after the update, or passed in, is left intact (XLA copies)."""
+    p = {"w": jnp.full((512, 512), 0.5)}
+    x = jax.random.normal(jax.random.key(0), (512, 512))
+    opt = O.adamw_8bit(1e-2)
+    s = opt.init(p)
+    leaf = 512 * 512 * 4
+
+    def grad(p):
+        return jax.grad(lambda p: jnp.sum(jnp.sin(p["w"]) * x))(p)
+
+    def step(p, s):
+        u, s = opt.update(grad(p), s, p)
+        return optax.apply_updates(p, u), s
+
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(p, s).compile()
+    assert "effjax_lowbit_step" in compiled.as_text()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    assert leaf <= temp < leaf + leaf // 4, temp
+
+    def step_keeping_grad(p, s):  # the gradient is an output too: it must survive the update
+        g = grad(p)
+        u, s = opt.update(g, s, p)
+        return optax.apply_updates(p, u), s, g
+
+    new_p, _, g = jax.jit(step_keeping_grad)(p, s)
+    np.testing.assert_array_equal(np.asarray(g["w"]), np.asarray(jnp.cos(p["w"]) * x))
+    g_in = grad(p)
+    want = np.asarray(g_in["w"]).copy()
+    u, _ = jax.jit(opt.update)(g_in, s, p)
+    np.testing.assert_array_equal(np.asarray(g_in["w"]), want)  # the caller's gradient
+    u_ref, _ = O.adamw_8bit(1e-2, use_kernel=False).update(g_in, s, p)
+    np.testing.assert_allclose(np.asarray(new_p["w"]), np.asarray(p["w"] + u["w"]), rtol=0,
+                               atol=1e-7)
+    np.testing.assert_allclose(np.asarray(u["w"]), np.asarray(u_ref["w"]), rtol=0, atol=1e-7)
+
+
 def test_checkpoint_moves_between_unfused_and_native(one_device):
     """A state written by the native step continues on the unfused path (same pytree)."""
     mk = OPTIMIZERS["adamw_8bit"]
