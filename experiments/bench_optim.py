@@ -25,6 +25,10 @@ only, ``jax.eval_shape``), next to the same tree in the anchors' flat-block layo
 
 Run:  python -m experiments.bench_optim            (full, ~12 min on 2 CPU cores)
       python -m experiments.bench_optim --quick    (tiny tree, seconds; run by the tests)
+      python -m experiments.bench_optim --grads-in-step   (the step computes its gradients,
+                                                           materialized as a backward pass's
+                                                           are: adamw, adamw_8bit, fused_apply,
+                                                           adamw_4bit; ~2 min)
 Writes experiments/results/bench_optim.{json,md,png} (``--out`` picks another folder). glibc's
 ``MALLOC_*`` / ``GLIBC_TUNABLES`` settings in the environment are recorded with the command.
 """
@@ -123,16 +127,29 @@ def optimizers(d_model=None):
     }
 
 
-def jax_stepper(opt, params, grads):
+def grads_in_step(p, c):
+    """Gradients made inside the step, as a training step's backward pass makes them: the
+    gradient of ``sum(p * p * c) / 2``, i.e. ``p * c``, materialized (behind
+    ``lax.optimization_barrier``) as a backward pass's matmuls materialize theirs, so that no
+    optimizer can fuse its producer away: every optimizer reads it from a temporary buffer."""
+    g = jax.grad(lambda p: sum(jnp.vdot(a * a, b) / 2 for a, b in
+                               zip(jax.tree.leaves(p), jax.tree.leaves(c))))(p)
+    return jax.lax.optimization_barrier(g)
+
+
+def jax_stepper(opt, params, grads, in_step=False):
     """A compiled step of ``opt`` (params and state donated) and its state bytes: returns
     ``(one_step, by_kind)``, ``one_step()`` running one synchronised step and returning
-    seconds, ``by_kind`` the state's bytes by kind (``optim.state_bytes_breakdown``)."""
+    seconds, ``by_kind`` the state's bytes by kind (``optim.state_bytes_breakdown``).
+    ``in_step``: the step computes its gradients (:func:`grads_in_step`) instead of taking
+    ``grads`` as they are."""
     fused = None
     if isinstance(opt, FusedApply):
         opt, fused = opt.opt, optim.fused_apply(opt.opt)
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def step(p, s, g):
+        g = grads_in_step(p, g) if in_step else g
         if fused is not None:
             return fused(g, s, p)
         u, s = opt.update(g, s, p)
@@ -153,11 +170,11 @@ def jax_stepper(opt, params, grads):
     return one_step, by_kind
 
 
-def time_interleaved(opts, params, grads, reps):
+def time_interleaved(opts, params, grads, reps, in_step=False):
     """Median step seconds and state bytes by kind of every optimizer in ``opts``; the optimizers
     step in turn (one step each, ``reps`` rounds) so that load drift on a shared machine hits
     them alike."""
-    steppers = {name: jax_stepper(opt, params, grads) for name, opt in opts.items()}
+    steppers = {name: jax_stepper(opt, params, grads, in_step) for name, opt in opts.items()}
     times = {name: [] for name in opts}
     for _ in range(reps):
         for name, (one_step, _) in steppers.items():
@@ -205,7 +222,11 @@ def time_torch(params, grads, reps):
     return out
 
 
-def run(sizes, reps, peers=True):
+#: The rows of ``--grads-in-step``.
+IN_STEP_ROWS = ("optax.adamw", "adamw_8bit", "adamw_8bit (fused_apply)", "adamw_4bit")
+
+
+def run(sizes, reps, peers=True, in_step=False):
     rows = []
     for size in sizes:
         if size in model_trees.MODELS:  # a real model's tree, random values
@@ -216,7 +237,10 @@ def run(sizes, reps, peers=True):
             params = transformer_tree(vocab, d, layers, heads)
         n = sum(x.size for x in jax.tree.leaves(params))
         grads = jax.tree.map(lambda x: x * 0.01 + 1e-4, params)
-        timed = time_interleaved(optimizers(d), params, grads, reps)
+        opts = optimizers(d)
+        if in_step:
+            opts = {k: opts[k] for k in IN_STEP_ROWS}
+        timed = time_interleaved(opts, params, grads, reps, in_step)
         base = timed["optax.adamw"][0]
         for name, (secs, by_kind) in timed.items():
             nbytes = sum(by_kind.values())
@@ -353,11 +377,14 @@ def main(argv=None):
                     help="comma-separated: 1M, 10M, 50M, or a model of experiments/model_trees.py")
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--grads-in-step", action="store_true",
+                    help="the step computes its gradients (grads_in_step); a few rows, no peers")
     ap.add_argument("--out", default=RESULTS)
     args = ap.parse_args(argv)
     sizes = [(64, 64, 2, 2)] if args.quick else args.sizes.split(",")
-    rows = run(sizes, 2 if args.quick else args.reps, peers=not args.no_peers)
-    model_rows = model_state_bytes(list(model_trees.MODELS))
+    rows = run(sizes, 2 if args.quick else args.reps,
+               peers=not (args.no_peers or args.grads_in_step), in_step=args.grads_in_step)
+    model_rows = [] if args.grads_in_step else model_state_bytes(list(model_trees.MODELS))
     # The allocator settings the process runs under (glibc reads them at start-up): they move
     # the `update` rows (the update temporary's fresh pages; experiments/README.md).
     env = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items())
@@ -368,7 +395,8 @@ def main(argv=None):
                 jax=jax.__version__, device=str(jax.devices()[0].device_kind),
                 command=(env + " " + command).strip())
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, "bench_optim" + ("_quick" if args.quick else ""))
+    stem = os.path.join(args.out, "bench_optim" + ("_grads_in_step" if args.grads_in_step else "")
+                        + ("_quick" if args.quick else ""))
     with open(stem + ".json", "w") as f:
         json.dump(dict(meta=meta, rows=rows, model_rows=model_rows), f, indent=1)
     md = to_markdown(rows, meta, model_rows)

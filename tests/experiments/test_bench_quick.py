@@ -4,6 +4,7 @@ import json
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from experiments import bench_optim, model_trees
 
@@ -67,3 +68,15 @@ def test_flat_layout_bytes_by_hand():
     # 4-bit: blocks of 128, half a byte a code; bfloat16 scales
     assert bench_optim.flat_layout_bytes(shapes, 4, 2) == (2 * (57600 + 900 * 2) + 80
                                                            + 2 * (2049 + 33 * 2))
+
+
+def test_bench_optim_grads_in_step_quick(tmp_path):
+    rows = bench_optim.main(["--quick", "--grads-in-step", "--out", str(tmp_path)])
+    assert [r["optimizer"] for r in rows] == list(bench_optim.IN_STEP_ROWS)  # no peers
+    md = (tmp_path / "bench_optim_grads_in_step_quick.md").read_text()
+    assert "--grads-in-step" in md and "| model |" not in md
+    p = {"a": jnp.linspace(-3.0, 3.0, 12).reshape(3, 4), "b": jnp.arange(5.0)}
+    c = jax.tree.map(lambda x: x * 0.5 + 1.0, p)
+    g = bench_optim.grads_in_step(p, c)
+    for k in p:  # d/dp sum(p * p * c) / 2 = p * c
+        np.testing.assert_allclose(g[k], np.asarray(p[k]) * np.asarray(c[k]), rtol=1e-6)
