@@ -230,7 +230,7 @@ def run(sizes, reps, peers=True, in_step=False):
     rows = []
     for size in sizes:
         if size in model_trees.MODELS:  # a real model's tree, random values
-            params, d = model_trees.random_tree(size), model_trees.hidden_size(size)
+            params, d = model_trees.random_tree(size), model_trees.MODELS[size].hidden_size
         else:
             vocab, d, layers, heads = SIZES[size] if size in SIZES else size
             size = size if size in SIZES else "x".join(map(str, size))

@@ -25,7 +25,7 @@ from flax import nnx
 from effjax.models.bert import BertConfig, BertModel
 from effjax.models.llama import Llama, LlamaConfig
 
-__all__ = ["MODELS", "param_shapes", "random_tree", "hidden_size"]
+__all__ = ["MODELS", "param_shapes", "random_tree"]
 
 #: name -> config: sentence-transformers/all-MiniLM-L6-v2 (BERT encoder with pooler),
 #: HuggingFaceTB/SmolLM2-135M (tied embeddings, GQA 9/3 heads), meta-llama/Llama-2-7b-hf.
@@ -40,10 +40,6 @@ MODELS = {
                               num_layers=32, num_heads=32, num_kv_heads=32,
                               max_position_embeddings=4096, tie_word_embeddings=False),
 }
-
-
-def hidden_size(name: str) -> int:
-    return MODELS[name].hidden_size
 
 
 def param_shapes(name: str) -> dict:

@@ -59,6 +59,7 @@ from effjax.quant import (  # the reference's own search (bit-exactness)
     _dynamic_map,
     _search,
     block_view,
+    scales_shape,
 )
 from effjax.quant import dequantize_blockwise as _dequantize_ref
 from effjax.quant import quantize_blockwise as _quantize_ref
@@ -407,7 +408,7 @@ def codes_from_2d(codes, lay: Layout):
 
 
 def absmax_shape(lay: Layout) -> tuple[int, ...]:
-    return block_view(lay.shape, lay.block_size)[:-1] + (lay.nblocks,)
+    return scales_shape(lay.shape, lay.block_size)
 
 
 def specs(lay: Layout):

@@ -10,6 +10,7 @@ from effjax.quant.blockwise import (
     dequantize_blockwise,
     quantize_blockwise,
     round_scale,
+    scales_shape,
 )
 from effjax.quant.codebooks import (
     adam4bit_first_moment_codebook,
@@ -24,6 +25,7 @@ __all__ = [
     "QuantizedArray",
     "block_layout",
     "block_view",
+    "scales_shape",
     "dequantize_blockwise",
     "quantize_blockwise",
     "round_scale",

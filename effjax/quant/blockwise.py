@@ -30,7 +30,7 @@ Layout (chosen so that a parameter's sharding applies to its codes and scales un
   whole blocks, could not take the leaf. The blocks are then bitsandbytes' flat blocks, and the
   parameter shards shard-locally along that axis whenever each shard holds whole groups of
   ``g`` rows. :func:`block_view` gives the blocking view; ``absmax.shape`` is its leading axes
-  plus the number of blocks.
+  plus the number of blocks (:func:`scales_shape`).
 
 Scales (``scale_dtype``): float32 by default (bitsandbytes' and torchao's format). With
 ``scale_dtype=jnp.bfloat16`` each block stores the smallest bfloat16 ``s >= absmax`` (the float32
@@ -62,7 +62,7 @@ import numpy as np
 from effjax.quant import _search
 
 __all__ = ["QuantizedArray", "quantize_blockwise", "dequantize_blockwise", "block_layout",
-           "block_view",
+           "block_view", "scales_shape",
            "round_scale", "SCALE_DTYPES"]
 
 _FLOATS = (jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64)
@@ -109,6 +109,18 @@ def block_view(shape: tuple[int, ...], block_size: int) -> tuple[int, ...]:
     return lead + (length,)
 
 
+def scales_shape(shape: tuple[int, ...], block_size: int) -> tuple[int, ...]:
+    """``absmax.shape`` of an array of ``shape`` quantized in blocks of ``block_size``: the
+    leading axes of :func:`block_view` plus the number of blocks (a short last one included).
+
+    Example:
+      >>> scales_shape((1536, 384), 256), scales_shape((3, 384), 256)
+      ((768, 3), (3, 2))
+    """
+    view = block_view(shape, block_size)
+    return view[:-1] + (-(-view[-1] // block_size),)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class QuantizedArray:
@@ -136,10 +148,6 @@ class QuantizedArray:
     @property
     def block_axes(self) -> int:
         return block_layout(self.shape, self.block_size)[0]
-
-    @property
-    def block_view(self) -> tuple[int, ...]:
-        return block_view(self.shape, self.block_size)
 
     @property
     def size(self) -> int:
@@ -344,13 +352,13 @@ def dequantize_blockwise(q: QuantizedArray, *, tables: bool | None = None) -> ja
     """
     if not isinstance(q, QuantizedArray):
         raise TypeError(f"dequantize_blockwise needs a QuantizedArray, got {type(q).__name__}")
-    view = block_view(q.shape, q.block_size)
-    want = view[:-1] + (-(-view[-1] // q.block_size),)
+    want = scales_shape(q.shape, q.block_size)
     if tuple(q.absmax.shape) != want:
         raise ValueError(
             f"QuantizedArray of shape {q.shape}, block {q.block_size}: absmax has shape "
-            f"{tuple(q.absmax.shape)}, the layout (block_view {view}) needs {want}; was it "
-            "written by another version of effjax's block layout?")
+            f"{tuple(q.absmax.shape)}, the layout (block_view "
+            f"{block_view(q.shape, q.block_size)}) needs {want}; was it written by another "
+            "version of effjax's block layout?")
     codes = q.codes
     if q.bits == 4:
         codes = _unpack4(codes, q.shape[-1])

@@ -25,6 +25,7 @@ from effjax.quant import (
     block_view,
     dequantize_blockwise,
     quantize_blockwise,
+    scales_shape,
 )
 
 CODEBOOKS = {
@@ -273,8 +274,9 @@ def test_layout(shape, name, block, codes_shape, absmax_shape, axes):
         ref = np.abs(x).reshape(-1, block).max(-1).reshape(absmax_shape)
         np.testing.assert_array_equal(np.asarray(q.absmax), ref)
     assert block_layout(shape, block)[0] == axes
-    assert block_view(shape, block) == q.block_view == absmax_shape[:-1] + (
+    assert block_view(shape, block) == absmax_shape[:-1] + (
         int(np.prod(shape)) // int(np.prod(absmax_shape[:-1])),)
+    assert scales_shape(shape, block) == absmax_shape
 
 
 @pytest.mark.parametrize("name", ["dyn8", "dyn8u", "nf4", "fp4", "grid8", "lin17"])
