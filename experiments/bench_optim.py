@@ -50,8 +50,7 @@ import numpy as np
 import optax
 
 from effjax import optim
-from effjax.optim.fira import fira_adamw
-from effjax.optim.galore import galore_adamw
+from effjax.optim import fira_adamw, galore_adamw
 from experiments import model_trees
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")

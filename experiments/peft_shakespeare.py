@@ -260,7 +260,7 @@ def calibration_data(rules: dict, graph, params: dict, data: Iterable[dict]) -> 
     """The ``calibration`` argument of :func:`effjax.peft.inject` for data-driven methods.
 
     For rules whose method declares ``calibration = "inputs"`` (EVA, CorDA): input statistics
-    of the targeted encoder layers over ``data`` (:func:`effjax.peft.calibrate.calibrate`,
+    of the targeted encoder layers over ``data`` (:func:`effjax.peft.calibrate`,
     padding masked out). For ``"gradients"`` (LoRA-SB): the mean over ``data`` of the
     cross-entropy gradient of each targeted dense kernel (with the initial head). None when
     no rule needs data.
@@ -272,17 +272,17 @@ def calibration_data(rules: dict, graph, params: dict, data: Iterable[dict]) -> 
     out = {}
     enc_rules = {k[len("encoder/"):]: v for k, v in rules.items() if k.startswith("encoder/")}
     if "inputs" in kinds:
-        from effjax.peft.calibrate import calibrate
+        from effjax.peft import calibrate
         stats = calibrate(nnx.merge(graph, params["encoder"]), data, targets=enc_rules,
                           forward=lambda m, b: m(b["ids"], b["mask"]), mask=lambda b: b["mask"])
         out.update({f"encoder/{p}": s for p, s in stats.items()})
     if "gradients" in kinds:
-        from effjax.compress import key_path_str
         from effjax.peft import compile_rules
         from effjax.peft.rules import assign_rules
+        from effjax.selection import path_str
         compiled = compile_rules(rules)
         flat = jax.tree_util.tree_flatten_with_path(params)[0]
-        paths = [key_path_str(p) for p, _ in flat]
+        paths = [path_str(p) for p, _ in flat]
         wanted = {paths[i] for i, c in enumerate(assign_rules(paths, compiled))
                   if c is not None and getattr(compiled[c].method, "calibration", None)
                   == "gradients"}
@@ -292,8 +292,8 @@ def calibration_data(rules: dict, graph, params: dict, data: Iterable[dict]) -> 
             g = grad(params, b)
             total = g if total is None else jax.tree.map(jnp.add, total, g)
         flat_g = jax.tree_util.tree_flatten_with_path(total)[0]
-        out.update({key_path_str(p): g / len(data) for p, g in flat_g
-                    if key_path_str(p) in wanted})
+        out.update({path_str(p): g / len(data) for p, g in flat_g
+                    if path_str(p) in wanted})
     return out
 
 

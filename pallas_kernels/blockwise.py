@@ -54,12 +54,11 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from effjax.quant import (  # the reference's own search (bit-exactness)
+from effjax.quant import (
     QuantizedArray,
-    _dynamic_map,
-    _search,
     block_view,
     scales_shape,
+    search,  # the reference's own search (bit-exactness)
 )
 from effjax.quant import dequantize_blockwise as _dequantize_ref
 from effjax.quant import quantize_blockwise as _quantize_ref
@@ -163,7 +162,7 @@ class Codebook(NamedTuple):
 def lookup_tables(values) -> tuple[tuple[np.ndarray, ...], tuple[int, ...]]:
     """Tables for a gather-based search and decode, and their static parameters.
 
-    The search is effjax.quant's bucket table (``effjax.quant._search``): the top mantissa
+    The search is effjax.quant's bucket table (``effjax.quant.search``): the top mantissa
     bits and the exponent of ``|y|`` (and its sign) pick a bucket holding at most one decision
     threshold ``T`` of the sorted codebook, so the nearest code is ``lo`` if ``y < T`` else
     ``hi``, the codes on either side of that threshold. Three tables, each a power of two
@@ -180,10 +179,10 @@ def lookup_tables(values) -> tuple[tuple[np.ndarray, ...], tuple[int, ...]]:
     vals = np.asarray(values, np.float32).reshape(-1)
     n = vals.size
     key = tuple(float(v) for v in vals)
-    order = _search._order(key)
+    order = search.sort_order(key)
     sorted_vals = key if order is None else order[0]
     order_idx = np.arange(n) if order is None else np.asarray(order[1])
-    table = _search._bucket_table(sorted_vals)
+    table = search.bucket_table(sorted_vals)
     half = pow2_ceil(table.buckets)
     thresholds = np.full(2 * half, np.inf, np.float32)
     codes = np.zeros(2 * half, np.int32)
@@ -200,6 +199,17 @@ def lookup_tables(values) -> tuple[tuple[np.ndarray, ...], tuple[int, ...]]:
     return (out_vals, thresholds, codes), bucket
 
 
+def chunk_view(shape, block_size: int, bits: int):
+    """Blocks of a leaf as rows of a 2-D view ``(n_blocks, block_size)``, or None.
+
+    The view is a free reshape when the blocking length ``L`` is a multiple of the block (no
+    padded block) and 4-bit byte pairs never straddle two original rows (even last axis)."""
+    view = block_view(tuple(shape), block_size)
+    if view[-1] % block_size or (bits == 4 and (block_size % 2 or shape[-1] % 2)):
+        return None
+    return math.prod(view[:-1]) * (view[-1] // block_size)
+
+
 def pow2_ceil(n: int) -> int:
     """The smallest power of two >= ``n``, at least 2 (Triton's array sizes)."""
     return 1 << max(1, (int(n) - 1).bit_length())
@@ -210,7 +220,7 @@ def make_codebook(values, *, lookup: bool = False) -> Codebook:
     16-value codebooks), else lookup tables; ``lookup=True``: lookup tables always."""
     values = tuple(float(v) for v in np.asarray(values, np.float32).reshape(-1))
     bits = 4 if len(values) <= 16 else 8
-    closed = len(values) <= 16 or _dynamic_map.kind_of(_search.sorted_values_of(values)) \
+    closed = len(values) <= 16 or search.dynamic_map_kind(search.sorted_values_of(values)) \
         is not None
     if closed and not lookup:
         return Codebook(values, bits, ())
@@ -232,9 +242,9 @@ def _nearest_codes(y, cb: Codebook, tables):
     ``tables``: the refs of :func:`lookup_tables` (when ``cb.tables``)."""
     if not cb.tables:
         # tables=False: a kernel cannot capture a lookup-table constant.
-        sorted_values = _search.sorted_values_of(cb.values)
-        idx = _search.nearest_sorted(y, sorted_values, tables=False)
-        return _search.to_codes(idx, cb.values, tables=False)
+        sorted_values = search.sorted_values_of(cb.values)
+        idx = search.nearest_sorted(y, sorted_values, tables=False)
+        return search.to_codes(idx, cb.values, tables=False)
     _, thresholds, codes = tables
     shift, q0, buckets, half, nan_code = cb.bucket
     bits = jax.lax.bitcast_convert_type(y, jnp.int32)
@@ -249,7 +259,7 @@ def _nearest_codes(y, cb: Codebook, tables):
 def _code_values(codes, cb: Codebook, tables):
     """``codebook[codes]`` as float32."""
     if not cb.tables:
-        return _search.value_at(codes, cb.values, tables=False)
+        return search.value_at(codes, cb.values, tables=False)
     return tables[0][codes.astype(jnp.int32)]
 
 

@@ -62,8 +62,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from effjax.quant import QuantizedArray, _search
-from pallas_kernels.optim_update import _chunk_view
+from effjax.quant import QuantizedArray, search
+from pallas_kernels.blockwise import chunk_view
 
 __all__ = ["available", "unavailable_reason", "supports", "lowbit_step", "library_path"]
 
@@ -180,7 +180,7 @@ def supports(g, p, moments) -> bool:
     if scale_dtypes not in ({jnp.dtype(jnp.float32)}, {jnp.dtype(jnp.bfloat16)}):
         return False  # one flag covers both moments
     # The chunked step's condition: blocks are rows of a free 2-D view of the leaf.
-    return _chunk_view(tuple(g.shape), q0.block_size, q0.bits) is not None
+    return chunk_view(tuple(g.shape), q0.block_size, q0.bits) is not None
 
 
 @functools.cache
@@ -188,7 +188,7 @@ def _search_tables(values: tuple[float, ...]):
     """The kernel's tables for one codebook: ``(values, edge, table, order)`` and the bucket
     parameters ``(shift, q0, buckets, half)``.
 
-    effjax.quant's bucket table (``_search._bucket_table``) packed one int32 per bucket:
+    effjax.quant's bucket table (``search.bucket_table``) packed one int32 per bucket:
     ``t << 8 | lo``, where ``lo`` is the sorted index below the bucket's threshold ``T`` and
     ``t = (|T| bits) - ((q + q0) << shift)`` is ``T``'s offset from the bucket's first float
     (in ``[0, 2**shift)`` from bucket 1 up, checked here), or ``2**shift + 1`` (positive side)
@@ -199,9 +199,9 @@ def _search_tables(values: tuple[float, ...]):
     vals = np.asarray(values, np.float32)
     n = vals.size
     key = tuple(float(v) for v in vals)
-    order = _search._order(key)
+    order = search.sort_order(key)
     sorted_vals = key if order is None else order[0]
-    table = _search._bucket_table(sorted_vals)
+    table = search.bucket_table(sorted_vals)
     shift, q0, nb = table.shift, table.q0, table.buckets
     count = table.rows[:, 0].astype(np.int64)
     thr = table.rows[:, 1].astype(np.float32)

@@ -66,7 +66,6 @@ quantized leaves; under ``jax.jit`` (the update is jitted) XLA drops the unused 
 from __future__ import annotations
 
 import functools
-import math
 import weakref
 from typing import Any, NamedTuple
 
@@ -76,7 +75,7 @@ import numpy as np
 import optax
 from jax.experimental import pallas as pl
 
-from effjax.quant import QuantizedArray, block_view, dequantize_blockwise, quantize_blockwise
+from effjax.quant import QuantizedArray, dequantize_blockwise, quantize_blockwise
 from pallas_kernels import blockwise as bw
 
 __all__ = [
@@ -211,17 +210,6 @@ def chunk_pays(q: QuantizedArray) -> bool:
     return q.bits == 8 and q.size >= CHUNK_MIN_ELEMS
 
 
-def _chunk_view(shape, block_size: int, bits: int):
-    """Blocks of a leaf as rows of a 2-D view ``(n_blocks, block_size)``, or None.
-
-    The view is a free reshape when the blocking length ``L`` is a multiple of the block (no
-    padded block) and 4-bit byte pairs never straddle two original rows (even last axis)."""
-    view = block_view(tuple(shape), block_size)
-    if view[-1] % block_size or (bits == 4 and (block_size % 2 or shape[-1] % 2)):
-        return None
-    return math.prod(view[:-1]) * (view[-1] // block_size)
-
-
 def fused_update_chunked(rule, g, p, moments, scalars, *, chunk_elems: int | None = None,
                          name: str = "<leaf>"):
     """:func:`fused_update_reference` with the requantization run chunk by chunk (pure jnp).
@@ -264,7 +252,7 @@ def fused_update_chunked(rule, g, p, moments, scalars, *, chunk_elems: int | Non
     _check_leaf(g, p, moments, name)
     q0 = moments[0]
     bs, bits = q0.block_size, q0.bits
-    n_blocks = _chunk_view(g.shape, bs, bits)
+    n_blocks = bw.chunk_view(g.shape, bs, bits)
     if n_blocks is None:
         return fused_update_reference(rule, g, p, moments, scalars, name=name)
     # At most CHUNK_ELEMS per chunk, and at least two chunks: a leaf run as one piece has the

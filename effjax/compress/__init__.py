@@ -4,6 +4,6 @@
   param-tree rewriter :func:`fake_quantize_params` with ordered ``{regex: FakeQuant}`` rules.
 """
 
-from effjax.compress.fake_quant import FakeQuant, fake_quantize, fake_quantize_params, key_path_str
+from effjax.compress.fake_quant import FakeQuant, fake_quantize, fake_quantize_params
 
-__all__ = ["fake_quantize", "FakeQuant", "fake_quantize_params", "key_path_str"]
+__all__ = ["fake_quantize", "FakeQuant", "fake_quantize_params"]

@@ -72,10 +72,8 @@ References:
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
 import math
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -83,7 +81,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["fake_quantize", "FakeQuant", "fake_quantize_params", "key_path_str"]
+from effjax.selection import rewrite
+
+__all__ = ["fake_quantize", "FakeQuant", "fake_quantize_params"]
 
 _ASYM_MIN_RANGE = 1e-5  # Stable-SPAM / AWQ: scales = (max - min).clamp(min=1e-5) / max_int
 
@@ -308,71 +308,12 @@ class FakeQuant:
                              symmetric=self.symmetric, group_size=self.group_size)
 
 
-def key_path_str(path: Sequence[Any]) -> str:
-    """The ``'/'``-joined string of a ``jax.tree_util`` key path, as rules match it.
-
-    Dict keys, sequence indices and attribute names are joined with ``'/'``; a trailing
-    ``.value`` attribute (the array inside an NNX ``Variable`` of an ``nnx.State``) is dropped,
-    so Linen ``params`` and NNX ``State`` trees give the same paths.
-
-    Example:
-      >>> from jax.tree_util import DictKey, GetAttrKey, SequenceKey
-      >>> key_path_str((DictKey('blocks'), SequenceKey(0), DictKey('kernel'), GetAttrKey('value')))
-      'blocks/0/kernel'
-    """
-    path = list(path)
-    if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
-        path = path[:-1]
-    parts = []
-    for k in path:
-        if isinstance(k, jax.tree_util.DictKey):
-            parts.append(str(k.key))
-        elif isinstance(k, jax.tree_util.SequenceKey):
-            parts.append(str(k.idx))
-        elif isinstance(k, jax.tree_util.GetAttrKey):
-            parts.append(k.name)
-        elif isinstance(k, jax.tree_util.FlattenedIndexKey):
-            parts.append(str(k.key))
-        else:
-            parts.append(str(k))
-    return "/".join(parts)
-
-
-def _compile_rules(rules: Any) -> list[tuple[str, re.Pattern, FakeQuant | None]]:
-    if isinstance(rules, Mapping):
-        items = list(rules.items())
-    elif isinstance(rules, Sequence) and not isinstance(rules, str):
-        items = list(rules)
-        if not all(isinstance(it, tuple) and len(it) == 2 for it in items):
-            raise TypeError("rules must be a mapping or a sequence of (regex, FakeQuant | None)")
-    else:
-        raise TypeError(
-            f"rules must be a mapping {{regex: FakeQuant | None}}, got {type(rules).__name__}")
-    compiled = []
-    for pattern, cfg in items:
-        if not isinstance(pattern, str):
-            raise TypeError(f"rule keys must be regex strings, got {pattern!r}")
-        if cfg is not None and not isinstance(cfg, FakeQuant):
-            raise TypeError(
-                f"rule '{pattern}': value must be a FakeQuant or None, got {type(cfg).__name__}")
-        try:
-            rx = re.compile(pattern)
-        except re.error as e:
-            raise ValueError(f"rule '{pattern}' is not a valid regex: {e}") from None
-        compiled.append((pattern, rx, cfg))
-    return compiled
-
-
-def _close_paths(pattern: str, paths: list[str], n: int = 5) -> str:
-    close = difflib.get_close_matches(pattern, paths, n=n, cutoff=0.0) or paths[:n]
-    return ", ".join(f"'{p}'" for p in close)
-
-
 def fake_quantize_params(params: Any, rules: Mapping[str, FakeQuant | None]) -> Any:
     """Fake-quantize the leaves of a param tree chosen by ordered regex rules (STE gradient).
 
     For each leaf, the first rule whose regex **fullmatches** its ``'/'``-joined path
-    (:func:`key_path_str`, e.g. ``'params/Dense_0/kernel'`` for Linen, ``'blocks/0/up/kernel'``
+    (:func:`effjax.selection.path_str`, e.g. ``'params/Dense_0/kernel'`` for Linen,
+    ``'blocks/0/up/kernel'``
     for an NNX ``State``) decides: a :class:`FakeQuant` gives :math:`\\hat W = Q(W)`, ``None``
     leaves the float weight. Leaves no rule matches are left unchanged. A rule that decides no
     leaf (it matches none, or only leaves an earlier rule claimed) raises ``ValueError``.
@@ -411,47 +352,5 @@ def fake_quantize_params(params: Any, rules: Mapping[str, FakeQuant | None]) -> 
       Array([[1., 1.],
              [1., 1.]], dtype=float32)
     """
-    compiled = _compile_rules(rules)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-    paths = [key_path_str(p) for p, _ in flat]
-    matched = [False] * len(compiled)
-    decided = [False] * len(compiled)
-    choice: list[int | None] = []
-    for path in paths:
-        first = None
-        for i, (_, rx, _) in enumerate(compiled):
-            if rx.fullmatch(path):
-                matched[i] = True
-                if first is None:
-                    first = i
-        if first is not None:
-            decided[first] = True
-        choice.append(first)
-    for (pattern, _, _), m, d in zip(compiled, matched, decided):
-        if not m:
-            raise ValueError(
-                f"rule '{pattern}' matches no leaf path of the {len(paths)} leaves; "
-                f"closest paths: {_close_paths(pattern, paths)}")
-        if not d:
-            raise ValueError(
-                f"rule '{pattern}' decides no leaf: every path it matches is claimed by an "
-                f"earlier rule (first match wins)")
-    out = []
-    for path, (_, leaf), c in zip(paths, flat, choice):
-        cfg = None if c is None else compiled[c][2]
-        if cfg is None:
-            out.append(leaf)
-            continue
-        dtype = getattr(leaf, "dtype", None)
-        shape = tuple(getattr(leaf, "shape", ()))
-        if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
-            raise TypeError(
-                f"leaf '{path}' (shape {shape}, dtype {dtype}) matched rule "
-                f"'{compiled[c][0]}' but is not a floating array")
-        try:
-            out.append(cfg(leaf))
-        except (ValueError, TypeError) as e:
-            raise type(e)(
-                f"leaf '{path}' (shape {shape}, dtype {dtype}), rule '{compiled[c][0]}': {e}"
-            ) from None
-    return jax.tree_util.tree_unflatten(treedef, out)
+    return rewrite(params, rules, lambda path, leaf, cfg: cfg(leaf), accept=FakeQuant,
+                   what="a FakeQuant", floating=True)

@@ -15,9 +15,13 @@ Example:
 from __future__ import annotations
 
 import numpy as np
-import tensorflow_datasets as tfds
 
+from effjax._optional import import_optional
 from effjax.data._common import prepared_source
+
+# The builders subclass tfds's: effjax.data cannot import without it.
+tfds = import_optional("tensorflow_datasets", extra="data", feature="effjax.data",
+                       distribution="tensorflow-datasets")
 
 __all__ = ["Digits", "load_digits_source"]
 
@@ -25,12 +29,9 @@ _TRAIN_FRACTION = 0.8
 
 
 def _sklearn_digits():
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("the digits data set needs scikit-learn: "
-                          "pip install 'effjax[data]' (or pip install scikit-learn)") from e
-    return load_digits()
+    datasets = import_optional("sklearn.datasets", extra="data", feature="the digits data set",
+                               distribution="scikit-learn")
+    return datasets.load_digits()
 
 
 def split_indices(n: int) -> dict[str, np.ndarray]:

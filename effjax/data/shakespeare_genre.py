@@ -33,10 +33,14 @@ import os
 import re
 
 import numpy as np
-import tensorflow_datasets as tfds
 
+from effjax._optional import import_optional
 from effjax.data._common import prepared_source
-from effjax.data.shakespeare import _plays_dir
+from effjax.data.shakespeare import plays_dir
+
+# The builders subclass tfds's: effjax.data cannot import without it.
+tfds = import_optional("tensorflow_datasets", extra="data", feature="effjax.data",
+                       distribution="tensorflow-datasets")
 
 __all__ = ["ShakespeareGenre", "load_shakespeare_genre_source", "dialogue_lines",
            "genre_plays", "split_genre_plays", "GENRES"]
@@ -76,7 +80,7 @@ def dialogue_lines(md: str) -> list[str]:
 
 def genre_plays() -> dict[str, str]:
     """``{"folder/play-name": genre}`` for every labelled play, sorted by path."""
-    root = _plays_dir()
+    root = plays_dir()
     out = {}
     for folder, genre in sorted(_FOLDER_GENRE.items()):
         path = os.path.join(root, folder)
@@ -126,7 +130,7 @@ class ShakespeareGenre(tfds.core.GeneratorBasedBuilder):
                 for split, names in split_genre_plays(plays).items()}
 
     def _generate_examples(self, names, plays):
-        root, order = _plays_dir(), list(plays)
+        root, order = plays_dir(), list(plays)
         for play in names:
             with open(os.path.join(root, play + ".md"), encoding="utf-8") as f:
                 lines = dialogue_lines(f.read())

@@ -27,7 +27,9 @@ __all__ = ["MLP", "CNN"]
 
 
 class MLP(nnx.Module):
-    """``x -> W_L(act(... act(W_1 x + b_1) ...)) + b_L`` with layer sizes ``sizes``.
+    """Multilayer perceptron with layer sizes ``sizes``: ``x_{l+1} = act(W_l x_l + b_l)``.
+
+    No activation after the last layer: ``W_L x_L + b_L`` are the outputs.
 
     Args:
       sizes: ``(in, hidden_1, ..., out)``, at least two entries.

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from effjax._optional import import_optional
 from effjax.models._files import distribution_file
 from effjax.models.bert import BertConfig, BertModel, sentence_embedding
 
@@ -217,8 +218,10 @@ def load_minilm(dtype=jnp.float32) -> MiniLM:
     >>> bool(e[0] @ e[1] > e[0] @ e[2])
     True
     """
-    from safetensors.numpy import load_file
-    from tokenizers import Tokenizer
+    feature = "effjax.models.load_minilm"
+    safetensors_numpy = import_optional("safetensors.numpy", extra="models", feature=feature,
+                                        distribution="safetensors")
+    tokenizers = import_optional("tokenizers", extra="models", feature=feature)
 
     folder = minilm_folder()
 
@@ -234,14 +237,15 @@ def load_minilm(dtype=jnp.float32) -> MiniLM:
     max_len = min(read_json("sentence_bert_config.json")["max_seq_length"],
                   config.max_position_embeddings)
 
-    tokenizer = Tokenizer.from_file(str(distribution_file(DISTRIBUTION, "model/tokenizer.json")))
+    tokenizer_file = distribution_file(DISTRIBUTION, "model/tokenizer.json")
+    tokenizer = tokenizers.Tokenizer.from_file(str(tokenizer_file))
     pad_token = tokenizer.id_to_token(config.pad_token_id)
     if pad_token is None:
         raise ValueError(f"pad_token_id={config.pad_token_id} is not in the vocabulary")
     tokenizer.enable_truncation(max_length=max_len)
     tokenizer.enable_padding(pad_id=config.pad_token_id, pad_token=pad_token)  # batch longest
 
-    params = _map_hf_bert(load_file(str(folder / "model.safetensors")), config)
+    params = _map_hf_bert(safetensors_numpy.load_file(str(folder / "model.safetensors")), config)
     model = _bert_from_params(config, params, dtype)
     return MiniLM(model=model, tokenizer=tokenizer, config=config, max_seq_length=max_len,
                   folder=folder)

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from effjax._optional import import_optional
 from effjax.models._files import distribution_file
 from effjax.models.llama import Llama, LlamaConfig
 
@@ -91,7 +92,7 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.nda
     reversed (numpy order). ``metadata`` holds the keys the LLaMA loader and the tokenizer use
     (those present in the file), as Python values.
     """
-    import gguf
+    gguf = import_optional("gguf", extra="models", feature="effjax.models.smollm2.read_gguf")
 
     reader = gguf.GGUFReader(os.fspath(path))
     metadata = {k: reader.fields[k].contents() for k in _META_KEYS if k in reader.fields}
@@ -331,7 +332,11 @@ def tokenizer_from_gguf(metadata: Mapping[str, Any]):
     >>> tok.decode(enc.ids)
     'ab ab1'
     """
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    tk = import_optional("tokenizers", extra="models",
+                         feature="effjax.models.smollm2.tokenizer_from_gguf")
+    AddedToken, Tokenizer = tk.AddedToken, tk.Tokenizer
+    decoders, models, pre_tokenizers, processors = (
+        tk.decoders, tk.models, tk.pre_tokenizers, tk.processors)
 
     kind = _meta(metadata, "tokenizer.ggml.model")
     if kind != "gpt2":

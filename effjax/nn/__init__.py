@@ -8,6 +8,7 @@
   Linen (:func:`linen_adapted_layers`) models.
 """
 
+from effjax.nn._stablemax import log_s, log_stablemax, stablemax, stablemax_cross_entropy
 from effjax.nn.fake_quant import (
     ActivationFakeQuant,
     fake_quantize_activations,
@@ -27,7 +28,6 @@ from effjax.nn.lora_layers import (
     has_low_rank_factors,
     linen_adapted_layers,
 )
-from effjax.nn.stablemax import log_s, log_stablemax, stablemax, stablemax_cross_entropy
 
 __all__ = ["stablemax", "log_stablemax", "stablemax_cross_entropy", "log_s",
            "fake_quantize_activations", "ActivationFakeQuant", "quantize_activations",

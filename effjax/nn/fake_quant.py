@@ -36,7 +36,6 @@ References:
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -46,6 +45,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from effjax.compress import fake_quantize
+from effjax.selection import no_selection_message, path_str, selector
 
 __all__ = [
     "fake_quantize_activations",
@@ -141,24 +141,6 @@ class ActivationFakeQuant(nnx.Module):
         return self.inner(xq, *args, **kwargs)
 
 
-def _path_str(path: Sequence[Any]) -> str:
-    return "/".join(str(k) for k in path)
-
-
-def _selector(where: Where) -> Callable[[str, Any], bool]:
-    if where is None:
-        return lambda path, module: True
-    if isinstance(where, str):
-        try:
-            rx = re.compile(where)
-        except re.error as e:
-            raise ValueError(f"where='{where}' is not a valid regex: {e}") from None
-        return lambda path, module: rx.fullmatch(path) is not None
-    if callable(where):
-        return where
-    raise TypeError(f"where must be None, a regex string or a callable, got {where!r}")
-
-
 def quantize_activations(
     model: nnx.Module,
     where: Where = None,
@@ -204,7 +186,7 @@ def quantize_activations(
       >>> qmodel(jnp.ones((3, 4))).shape
       (3, 2)
     """
-    select = _selector(where)
+    select = selector(where)
     new = nnx.clone(model)
     modules = dict(nnx.iter_modules(new))
     candidates, targets = [], []
@@ -214,14 +196,11 @@ def quantize_activations(
         if path and isinstance(modules.get(path[:-1]), ActivationFakeQuant):
             continue  # already wrapped
         candidates.append(path)
-        if select(_path_str(path), module):
+        if select(path_str(path), module):
             targets.append(path)
     if not targets:
-        names = ", ".join(f"'{_path_str(p)}'" for p in candidates[:12]) or "none"
-        desc = f"'{where}'" if isinstance(where, str) else repr(where)
-        raise ValueError(
-            f"where={desc} selects none of the {len(candidates)} "
-            f"{'/'.join(t.__name__ for t in layer_types)} layers; their paths: {names}")
+        kind = f"{'/'.join(t.__name__ for t in layer_types)} layers"
+        raise ValueError(no_selection_message(where, [path_str(p) for p in candidates], kind))
     wrap = lambda layer: ActivationFakeQuant(layer, bits, group_size=group_size,
                                              outliers=outliers)
     for path in targets:
@@ -272,13 +251,13 @@ def linen_activation_fake_quant(
       >>> bool(jnp.allclose(y, model.apply(variables, fake_quantize_activations(x, 4))))
       True
     """
-    select = _selector(where)
+    select = selector(where)
     _validate(bits, group_size, outliers)
 
     def interceptor(next_fun, args, kwargs, context):
         module = context.module
         if (context.method_name == "__call__" and isinstance(module, layer_types)
-                and select(_path_str(module.path), module)):
+                and select(path_str(module.path), module)):
             axis = _contracted_axes(module) if isinstance(module, nn.DenseGeneral) else -1
             quant = lambda x: fake_quantize_activations(x, bits, axis=axis,
                                                         group_size=group_size, outliers=outliers)

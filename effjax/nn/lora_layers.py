@@ -63,8 +63,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
-from effjax.nn.fake_quant import _path_str, _selector
 from effjax.peft import KernelLayout, is_adapter
+from effjax.selection import no_selection_message, path_str, selector
 
 __all__ = ["LowRankAdapter", "has_low_rank_factors", "adapted_einsum", "adapted_dot_general",
            "AdaptedLinear", "AdaptedLinearGeneral", "AdaptedEinsum", "adapted_layers",
@@ -570,19 +570,17 @@ def adapted_layers(model: nnx.Module, where: Where = None, *, copy: bool = True)
     """
     if not isinstance(model, nnx.Module):
         raise TypeError(f"adapted_layers needs an NNX module, got {type(model).__name__}")
-    select = _selector(where)
+    select = selector(where)
     new = nnx.clone(model) if copy else model
     candidates, targets = [], []
     for path, module in nnx.iter_modules(new):
         if type(module) in _NNX_FAST or type(module) in _NNX_FAST.values():
             candidates.append(path)
-            if type(module) in _NNX_FAST and select(_path_str(path), module):
+            if type(module) in _NNX_FAST and select(path_str(path), module):
                 targets.append(module)
     if where is not None and not targets:
-        names = ", ".join(f"'{_path_str(p)}'" for p in candidates[:12]) or "none"
-        desc = f"'{where}'" if isinstance(where, str) else repr(where)
-        raise ValueError(f"where={desc} selects none of the {len(candidates)} nnx.Linear / "
-                         f"LinearGeneral / Einsum layers; their paths: {names}")
+        raise ValueError(no_selection_message(where, [path_str(p) for p in candidates],
+                                              "nnx.Linear / LinearGeneral / Einsum layers"))
     for module in targets:
         module.__class__ = _NNX_FAST[type(module)]
     return new
@@ -608,7 +606,7 @@ def _linen_bias(module: nn.Module, shape: Sequence[int]) -> jax.Array | None:
         return None
     bias = _dense(module.get_variable("params", "bias"))
     if bias is None or tuple(jnp.shape(bias)) != tuple(shape):
-        raise ValueError(f"{type(module).__name__} at '{_path_str(module.path)}': bias of "
+        raise ValueError(f"{type(module).__name__} at '{path_str(module.path)}': bias of "
                          f"shape {None if bias is None else jnp.shape(bias)}, expected "
                          f"{tuple(shape)}")
     return bias
@@ -621,7 +619,7 @@ def _linen_dot_general(module: nn.Module) -> Callable:
 
 
 def _linen_dense(module: nn.Dense, kernel: Any, inputs: jax.Array) -> jax.Array:
-    name = f"{type(module).__name__} at '{_path_str(module.path)}'"
+    name = f"{type(module).__name__} at '{path_str(module.path)}'"
     kernel = _prepare(name, kernel, (jnp.shape(inputs)[-1], module.features))
     bias = _linen_bias(module, (module.features,))
     inputs, kernel, bias = _promote_node(module.promote_dtype, inputs, kernel, bias,
@@ -639,7 +637,7 @@ def _tuple(x: Any) -> tuple:
 
 
 def _linen_dense_general(module: nn.DenseGeneral, kernel: Any, inputs: jax.Array) -> jax.Array:
-    name = f"{type(module).__name__} at '{_path_str(module.path)}'"
+    name = f"{type(module).__name__} at '{path_str(module.path)}'"
     shape = jnp.shape(inputs)
     features, axis, batch_dims = _tuple(module.features), _tuple(module.axis), \
         _tuple(module.batch_dims)
@@ -660,7 +658,7 @@ def _linen_dense_general(module: nn.DenseGeneral, kernel: Any, inputs: jax.Array
 
 def _linen_einsum(module: nn.Einsum, kernel: Any, inputs: jax.Array,
                   einsum_str: str | None = None) -> jax.Array:
-    name = f"{type(module).__name__} at '{_path_str(module.path)}'"
+    name = f"{type(module).__name__} at '{path_str(module.path)}'"
     einsum_str = einsum_str if einsum_str is not None else module.einsum_str
     if einsum_str is None:
         raise ValueError(f"{name}: no einsum_str")
@@ -766,7 +764,7 @@ def linen_adapted_layers(
       >>> bool(jnp.allclose(y, model.apply({'params': materialize(tree)}, x), atol=1e-5))
       True
     """
-    select = _selector(where)
+    select = selector(where)
     for t in layer_types:
         if not (isinstance(t, type) and any(issubclass(t, base) for base, _ in _LINEN_CALLS)):
             raise TypeError(f"layer_types: {t!r} is not a subclass of nn.Dense, "
@@ -775,7 +773,7 @@ def linen_adapted_layers(
     def interceptor(next_fun, args, kwargs, context):
         module = context.module
         if context.method_name == "__call__" and isinstance(module, layer_types) and select(
-                _path_str(module.path), module):
+                path_str(module.path), module):
             if _linen_has_node(module):
                 kernel = _linen_kernel(module)
                 fn = next(f for base, f in _LINEN_CALLS if isinstance(module, base))

@@ -1,14 +1,27 @@
 """effjax.optim: optax gradient transformations: low-bit states, spike-robust and low-rank
 optimizers, gradient projections and scaling rules."""
 
+from effjax.optim._fira import FiraState, fira, fira_adamw
+from effjax.optim._galore import GaLoreState, galore, galore_adamw
+from effjax.optim._perp_grad import perp_grad, project_out_param_direction
+from effjax.optim._quantize_state import DEFAULT_UNSIGNED_FIELDS, quantize_state
+from effjax.optim._spam import scale_by_spam, spam
+from effjax.optim._stable_spam import (
+    STABLE_SPAM_4BIT,
+    STABLE_SPAM_BF16,
+    adaptive_grad_norm,
+    adaptive_spike_clip,
+    cosine_momentum_scale,
+    momentum_reset,
+    scale_by_stable_spam,
+    stable_spam,
+)
 from effjax.optim.allora import allora_coefficient, allora_lora_delta, scale_by_inverse_param_norm
 from effjax.optim.batch_size import (
     adam_hyperparams_for_batch_size,
     lr_for_batch_size,
     scale_learning_rate,
 )
-from effjax.optim.fira import FiraState, fira, fira_adamw
-from effjax.optim.galore import GaLoreState, galore, galore_adamw
 from effjax.optim.lowbit import (
     adagrad_8bit,
     adam_4bit,
@@ -23,19 +36,6 @@ from effjax.optim.lowbit import (
     sgd_8bit,
 )
 from effjax.optim.memory import state_bytes, state_bytes_breakdown
-from effjax.optim.perp_grad import perp_grad, project_out_param_direction
-from effjax.optim.quantize_state import DEFAULT_UNSIGNED_FIELDS, quantize_state
-from effjax.optim.spam import scale_by_spam, spam
-from effjax.optim.stable_spam import (
-    STABLE_SPAM_4BIT,
-    STABLE_SPAM_BF16,
-    adaptive_grad_norm,
-    adaptive_spike_clip,
-    cosine_momentum_scale,
-    momentum_reset,
-    scale_by_stable_spam,
-    stable_spam,
-)
 
 __all__ = [
     "quantize_state", "DEFAULT_UNSIGNED_FIELDS", "state_bytes", "state_bytes_breakdown",

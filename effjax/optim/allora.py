@@ -59,7 +59,7 @@ def _check_eta(eta) -> None:
 
 
 def allora_coefficient(norm, eta):
-    """ALLoRA's gradient coefficient ``1 / sqrt(norm + 1 / eta^2)`` (Sec. 4.2), in float32.
+    """ALLoRA's gradient coefficient ``1 / sqrt(norm + 1 / eta^2)`` (Section 4.2), in float32.
 
     ``norm`` is an L2 norm (>= 0); the coefficient is ``eta`` at ``norm = 0`` and decreases
     monotonically.

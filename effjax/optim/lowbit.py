@@ -71,7 +71,7 @@ import jax.numpy as jnp
 import optax
 from optax import contrib
 
-from effjax.optim.quantize_state import quantize_state
+from effjax.optim._quantize_state import quantize_state
 
 __all__ = [
     "scale_by_adam_8bit", "adam_8bit", "adamw_8bit", "lion_8bit", "sgd_8bit", "rmsprop_8bit",

@@ -33,6 +33,7 @@ Example:
   24
 """
 
+from effjax.peft._calibrate import InputStats, calibrate, input_stats
 from effjax.peft.base import (
     AdapterMethod,
     AdapterNode,
@@ -41,7 +42,6 @@ from effjax.peft.base import (
     method_from_config,
     method_to_config,
 )
-from effjax.peft.calibrate import InputStats, calibrate, input_stats
 from effjax.peft.corda import CorDA, corda_decompose
 from effjax.peft.dora import DoRA, DoRAWeight
 from effjax.peft.eva import EVA, eva_components, eva_rules

@@ -3,7 +3,7 @@
 CorDA splits a kernel along the singular directions of :math:`W` *weighted by the covariance of
 its inputs*. In Hugging Face PEFT's (torch) orientation, for a weight
 :math:`W_t = W^\\top \\in \\mathbb{R}^{n_{out} \\times n_{in}}` and the input covariance
-:math:`C = \\frac1n \\sum_t x_t x_t^\\top` (uncentered; :meth:`~effjax.peft.calibrate.InputStats.
+:math:`C = \\frac1n \\sum_t x_t x_t^\\top` (uncentered; :meth:`~effjax.peft.InputStats.
 second_moment` of the statistics :func:`effjax.peft.calibrate` collects):
 
 .. math::
@@ -45,7 +45,7 @@ Differences from PEFT: PEFT's hook divides each *call's* inputs by their maximum
 :math:`s\\,AB` nor :math:`W_{res}`, only the balance of the factors: ours are PEFT's
 :math:`A/\\sqrt\\kappa,\\; B\\sqrt\\kappa`. Over several calls PEFT weights each call by its own
 maximum; effjax weights every token equally. PEFT's covariance/cache files have no counterpart
-(the :class:`~effjax.peft.calibrate.InputStats` are the cache). Stacked kernels
+(the :class:`~effjax.peft.InputStats` are the cache). Stacked kernels
 (``batch_axes``) take per-slice statistics (``gram`` of shape ``(*batch, n_in, n_in)``) or one
 set shared by all slices.
 
@@ -67,8 +67,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from effjax.peft._calibrate import InputStats
 from effjax.peft.base import AdapterMethod
-from effjax.peft.calibrate import InputStats
 from effjax.peft.layout import KernelAxesConfig, KernelLayout, place_like
 from effjax.peft.lora import LoRAWeight
 
@@ -159,7 +159,7 @@ class CorDA(KernelAxesConfig, AdapterMethod):
 
     Example:
       >>> import jax, jax.numpy as jnp
-      >>> from effjax.peft.calibrate import input_stats
+      >>> from effjax.peft import input_stats
       >>> x = jax.random.normal(jax.random.key(0), (64, 6))
       >>> w = jax.random.normal(jax.random.key(1), (6, 4))
       >>> node = CorDA(rank=2, alpha=4.0, mode="kpa").adapt(None, w, data=input_stats(x))
@@ -243,7 +243,7 @@ class CorDA(KernelAxesConfig, AdapterMethod):
 
     def adapt(self, key: jax.Array, w: jax.Array, data: Any = None) -> LoRAWeight:
         """``a``, ``b`` from the chosen components and ``w`` replaced by the residual
-        (``data``: this leaf's :class:`~effjax.peft.calibrate.InputStats`)."""
+        (``data``: this leaf's :class:`~effjax.peft.InputStats`)."""
         del key
         w = jnp.asarray(w) if not isinstance(w, jax.Array) else w
         if not jnp.issubdtype(w.dtype, jnp.floating):

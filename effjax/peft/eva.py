@@ -11,7 +11,7 @@ For a kernel :math:`W \\in \\mathbb{R}^{n_{in} \\times n_{out}}` (``y = x W``) w
 where the columns of :math:`V_r` are the top-:math:`r` right-singular vectors of the centered
 activation matrix :math:`X - \\mathbf{1}\\bar x^\\top` (rows :math:`x_t`), i.e. the top
 eigenvectors of the scatter matrix :math:`S = \\sum_t (x_t - \\bar x)(x_t - \\bar x)^\\top =
-G - s s^\\top / n` (:meth:`~effjax.peft.calibrate.InputStats.scatter`), with eigenvalues
+G - s s^\\top / n` (:meth:`~effjax.peft.InputStats.scatter`), with eigenvalues
 :math:`\\lambda_1 \\ge \\lambda_2 \\ge \\dots`. :math:`W' = W` exactly right after injection.
 ``whiten=True`` divides column :math:`i` by :math:`\\sqrt{\\sigma_i}`, :math:`\\sigma_i =
 \\sqrt{\\lambda_i}` the singular value (PEFT's ``whiten``). The scale is LoRA's,
@@ -64,8 +64,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from effjax.peft._calibrate import InputStats
 from effjax.peft.base import AdapterMethod
-from effjax.peft.calibrate import InputStats
 from effjax.peft.layout import KernelAxesConfig, place_like
 from effjax.peft.lora import LoRAWeight
 from effjax.peft.rules import compile_rules
@@ -102,7 +102,7 @@ def eva_components(stats: InputStats, k: int) -> tuple[jax.Array, jax.Array, jax
 
     Example:
       >>> import jax.numpy as jnp
-      >>> from effjax.peft.calibrate import input_stats
+      >>> from effjax.peft import input_stats
       >>> x = jnp.array([[3., 0.], [-1., 0.], [1., 1.], [1., -1.]])  # mean (1, 0)
       >>> v, ratio, sigma = eva_components(input_stats(x), 1)  # S = diag(8, 2)
       >>> v, ratio, (sigma ** 2).round(4)
@@ -143,7 +143,7 @@ class EVA(KernelAxesConfig, AdapterMethod):
 
     Example:
       >>> import jax, jax.numpy as jnp
-      >>> from effjax.peft.calibrate import input_stats
+      >>> from effjax.peft import input_stats
       >>> x = jax.random.normal(jax.random.key(0), (64, 6)) * jnp.arange(1.0, 7.0)
       >>> w = jax.random.normal(jax.random.key(1), (6, 4))
       >>> node = EVA(rank=2, alpha=4.0).adapt(jax.random.key(2), w, data=input_stats(x))
@@ -196,7 +196,7 @@ class EVA(KernelAxesConfig, AdapterMethod):
 
     def adapt(self, key: jax.Array, w: jax.Array, data: Any = None) -> LoRAWeight:
         """``a`` = the top-``rank`` principal directions of the inputs (``data``: this leaf's
-        :class:`~effjax.peft.calibrate.InputStats`), ``b = 0``, ``w`` unchanged."""
+        :class:`~effjax.peft.InputStats`), ``b = 0``, ``w`` unchanged."""
         del key
         w = jnp.asarray(w) if not isinstance(w, jax.Array) else w
         if not jnp.issubdtype(w.dtype, jnp.floating):
@@ -254,7 +254,7 @@ def eva_rules(rules: Any, calibration: Mapping[str, Any], *, rho: float = 2.0,
 
     Example:
       >>> import jax, jax.numpy as jnp
-      >>> from effjax.peft.calibrate import input_stats
+      >>> from effjax.peft import input_stats
       >>> k = jax.random.split(jax.random.key(0), 2)
       >>> calib = {'wide/kernel': input_stats(jax.random.normal(k[0], (64, 4)) * 10.0),
       ...          'flat/kernel': input_stats(jax.random.normal(k[1], (64, 4)) * jnp.array(

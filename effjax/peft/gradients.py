@@ -9,7 +9,7 @@ calibration batches,
 
   G_W = \\frac{1}{K} \\sum_{k=1}^{K} \\nabla_W L(\\theta; x_k),
 
-keyed by the leaf's ``'/'``-joined path (:func:`effjax.compress.key_path_str`, as rules match
+keyed by the leaf's ``'/'``-joined path (:func:`effjax.selection.path_str`, as rules match
 it). The gradient is taken with respect to the targeted leaves only, by one jit-compiled
 ``jax.grad`` reused for every batch (batches of the same shapes compile once); sums are kept in
 float32 (or the leaf's wider dtype).
@@ -23,8 +23,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from effjax.compress import key_path_str
 from effjax.peft.rules import assign_rules, compile_rules
+from effjax.selection import path_str
 
 __all__ = ["gradient_calibration"]
 
@@ -91,7 +91,7 @@ def gradient_calibration(loss_fn: Callable[[Any, Any], jax.Array], params: Any,
              [2., 2., 2.]], dtype=float32)
     """
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-    paths = [key_path_str(p) for p, _ in flat]
+    paths = [path_str(p) for p, _ in flat]
     leaves = [x for _, x in flat]
     idx = _targets(paths, targets)
     for i in idx:

@@ -23,9 +23,9 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from effjax.compress import key_path_str
 from effjax.peft.base import is_adapter, method_from_config, method_to_config
 from effjax.peft.tree import adapter_paths, inject
+from effjax.selection import path_str
 
 __all__ = ["save_adapters", "load_adapters", "read_adapter_config"]
 
@@ -147,5 +147,5 @@ def load_adapters(path: str | os.PathLike, base_params: Any, rules: Any = None, 
         changes.setdefault(node_path, {})[field] = d
     new = {p: nodes[p].replace(**c) for p, c in changes.items()}
     return jax.tree_util.tree_map_with_path(
-        lambda kp, x: new.get(key_path_str(kp), x) if is_adapter(x) else x, tree,
+        lambda kp, x: new.get(path_str(kp), x) if is_adapter(x) else x, tree,
         is_leaf=is_adapter)

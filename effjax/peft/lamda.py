@@ -70,13 +70,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from effjax.peft._checks import adapter_dtype, as_float_kernel, check_alpha, check_rank
 from effjax.peft.base import AdapterMethod, AdapterNode, adapter_node
 from effjax.peft.layout import KernelAxesConfig, KernelLayout, place_like
 from effjax.peft.lora_xs import (
-    _adapter_dtype,
-    _as_float_kernel,
-    _check_alpha,
-    _check_rank,
     place_factors,
     three_factor_delta,
     truncated_svd,
@@ -128,8 +125,8 @@ class LaMDA(KernelAxesConfig, AdapterMethod):
     batch_axes: int | tuple[int, ...] = ()
 
     def __post_init__(self):
-        object.__setattr__(self, "rank", _check_rank(self.rank, "LaMDA"))
-        object.__setattr__(self, "alpha", _check_alpha(self.alpha, "LaMDA"))
+        object.__setattr__(self, "rank", check_rank(self.rank, "LaMDA"))
+        object.__setattr__(self, "alpha", check_alpha(self.alpha, "LaMDA"))
         if self.init not in _INITS:
             raise ValueError(f"LaMDA init must be one of {_INITS}, got {self.init!r}")
         self._normalize_dtype_and_axes("LaMDA")
@@ -146,14 +143,14 @@ class LaMDA(KernelAxesConfig, AdapterMethod):
 
     def adapter_dtype(self, w_dtype: Any) -> jnp.dtype:
         """dtype of ``a``, ``s`` and ``b`` for a kernel of ``w_dtype``."""
-        return _adapter_dtype(self.dtype, w_dtype)
+        return adapter_dtype(self.dtype, w_dtype)
 
     def adapt(self, key: jax.Array, w: jax.Array) -> LaMDAWeight:
         """``a = U_r``, ``b = V_r^T`` from the truncated SVD of each slice of ``w`` (float32 or
         wider); ``s = S_r / s`` and the residual ``w`` (``init="svd"``) or ``s = 0`` and ``w``
         kept (``init="zeros"``). ``key`` is unused."""
         del key
-        w = _as_float_kernel(w, "LaMDA")
+        w = as_float_kernel(w, "LaMDA")
         lay = self.layout(w.shape)
         rk, sc, dtype = self.rank, self.scale, self.adapter_dtype(w.dtype)
         ct = jnp.promote_types(w.dtype, jnp.float32)

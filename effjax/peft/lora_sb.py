@@ -70,14 +70,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from effjax.peft._checks import adapter_dtype, as_float_kernel, check_alpha, check_rank
 from effjax.peft.base import AdapterMethod, adapter_node
 from effjax.peft.layout import KernelAxesConfig, place_like
 from effjax.peft.lora_xs import (
     LoRAXSWeight,
-    _adapter_dtype,
-    _as_float_kernel,
-    _check_alpha,
-    _check_rank,
     place_factors,
     truncated_svd,
 )
@@ -138,7 +135,7 @@ class LoRASB(KernelAxesConfig, AdapterMethod):
     batch_axes: int | tuple[int, ...] = ()
 
     def __post_init__(self):
-        object.__setattr__(self, "rank", _check_rank(self.rank, "LoRASB"))
+        object.__setattr__(self, "rank", check_rank(self.rank, "LoRASB"))
         if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float, np.number)):
             raise TypeError(f"LoRASB lr must be a number, got {self.lr!r}")
         if not (math.isfinite(self.lr) and self.lr > 0):
@@ -147,7 +144,7 @@ class LoRASB(KernelAxesConfig, AdapterMethod):
         if self.first_step not in _FIRST_STEPS:
             raise ValueError(f"LoRASB first_step must be one of {_FIRST_STEPS}, got "
                              f"{self.first_step!r}")
-        object.__setattr__(self, "alpha", _check_alpha(self.alpha, "LoRASB"))
+        object.__setattr__(self, "alpha", check_alpha(self.alpha, "LoRASB"))
         if not isinstance(self.residual, bool):
             raise TypeError(f"LoRASB residual must be a bool, got {self.residual!r}")
         self._normalize_dtype_and_axes("LoRASB")
@@ -163,7 +160,7 @@ class LoRASB(KernelAxesConfig, AdapterMethod):
 
     def adapter_dtype(self, w_dtype: Any) -> jnp.dtype:
         """dtype of ``a``, ``r`` and ``b`` for a kernel of ``w_dtype``."""
-        return _adapter_dtype(self.dtype, w_dtype)
+        return adapter_dtype(self.dtype, w_dtype)
 
     def first_update(self, grad: jax.Array) -> jax.Array:
         """:math:`\\Delta W_1 = -\\eta\\,\\mathcal A(G)` (same shape as ``grad``)."""
@@ -174,7 +171,7 @@ class LoRASB(KernelAxesConfig, AdapterMethod):
         :math:`\\Delta W_1` built from ``data`` (the leaf's loss gradient, ``w``'s shape);
         ``w`` kept (or replaced by the residual with ``residual=True``). ``key`` is unused."""
         del key
-        w = _as_float_kernel(w, "LoRASB")
+        w = as_float_kernel(w, "LoRASB")
         if data is None:
             raise ValueError("LoRASB needs the leaf's loss gradient as adapt(key, w, data=grad) "
                              "(inject(..., calibration={path: grad}); see "

@@ -55,45 +55,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from effjax.peft._checks import adapter_dtype, as_float_kernel, check_alpha, check_rank
 from effjax.peft.base import AdapterMethod, AdapterNode, adapter_node
 from effjax.peft.layout import KernelAxesConfig, KernelLayout, place_like
 
 __all__ = ["LoRAXS", "LoRAXSWeight"]
 
 _INITS = ("gaussian", "zeros")
-
-
-def _check_rank(rank: Any, name: str) -> int:
-    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)):
-        raise TypeError(f"{name} rank must be an int, got {rank!r}")
-    if rank < 1:
-        raise ValueError(f"{name} rank must be >= 1, got {rank}")
-    return int(rank)
-
-
-def _check_alpha(alpha: Any, name: str) -> float | None:
-    if alpha is None:
-        return None
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.number)):
-        raise TypeError(f"{name} alpha must be None or a number, got {alpha!r}")
-    if not math.isfinite(alpha) or alpha == 0:
-        raise ValueError(f"{name} alpha must be finite and nonzero, got {alpha}")
-    return float(alpha)
-
-
-def _adapter_dtype(dtype: Any, w_dtype: Any) -> jnp.dtype:
-    """The config's dtype, or the kernel's dtype widened to float32 for 16-bit kernels."""
-    if dtype is not None:
-        return jnp.dtype(dtype)
-    w_dtype = jnp.dtype(w_dtype)
-    return jnp.dtype(jnp.float32) if w_dtype.itemsize < 4 else w_dtype
-
-
-def _as_float_kernel(w: Any, name: str) -> jax.Array:
-    w = jnp.asarray(w) if not isinstance(w, jax.Array) else w
-    if not jnp.issubdtype(w.dtype, jnp.floating):
-        raise TypeError(f"{name} needs a floating kernel, got dtype {w.dtype}")
-    return w
 
 
 def truncated_svd(m: jax.Array, rank: int, lay: KernelLayout, name: str):
@@ -170,8 +138,8 @@ class LoRAXS(KernelAxesConfig, AdapterMethod):
     batch_axes: int | tuple[int, ...] = ()
 
     def __post_init__(self):
-        object.__setattr__(self, "rank", _check_rank(self.rank, "LoRAXS"))
-        object.__setattr__(self, "alpha", _check_alpha(self.alpha, "LoRAXS"))
+        object.__setattr__(self, "rank", check_rank(self.rank, "LoRAXS"))
+        object.__setattr__(self, "alpha", check_alpha(self.alpha, "LoRAXS"))
         if self.init not in _INITS:
             raise ValueError(f"LoRAXS init must be one of {_INITS}, got {self.init!r}")
         if isinstance(self.init_std, bool) or not isinstance(self.init_std,
@@ -193,12 +161,12 @@ class LoRAXS(KernelAxesConfig, AdapterMethod):
 
     def adapter_dtype(self, w_dtype: Any) -> jnp.dtype:
         """dtype of ``a``, ``r`` and ``b`` for a kernel of ``w_dtype``."""
-        return _adapter_dtype(self.dtype, w_dtype)
+        return adapter_dtype(self.dtype, w_dtype)
 
     def adapt(self, key: jax.Array, w: jax.Array) -> LoRAXSWeight:
         """``a = U_r S_r``, ``b = V_r^T`` from the truncated SVD of each slice of ``w`` (in
         float32 or wider), ``r`` from the init; ``w`` kept as is."""
-        w = _as_float_kernel(w, "LoRAXS")
+        w = as_float_kernel(w, "LoRAXS")
         lay = self.layout(w.shape)
         rk, dtype = self.rank, self.adapter_dtype(w.dtype)
         ct = jnp.promote_types(w.dtype, jnp.float32)

@@ -74,8 +74,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from effjax.peft._checks import check_int
 from effjax.peft.base import AdapterMethod, AdapterNode, adapter_node, jit_dense
 from effjax.peft.layout import KernelAxesConfig, KernelLayout, place_like
 
@@ -83,14 +83,6 @@ __all__ = ["MiSS", "Bone", "MiSSWeight"]
 
 _VARIANTS = ("balance", "bat", "mini")
 _INITS = ("zeros", "kaiming")
-
-
-def _check_int(v: Any, name: str, lo: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-        raise TypeError(f"MiSS {name} must be an int, got {v!r}")
-    if v < lo:
-        raise ValueError(f"MiSS {name} must be >= {lo}, got {v}")
-    return int(v)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -143,8 +135,8 @@ class MiSS(KernelAxesConfig, AdapterMethod):
     batch_axes: int | tuple[int, ...] = ()
 
     def __post_init__(self):
-        object.__setattr__(self, "rank", _check_int(self.rank, "rank", 1))
-        object.__setattr__(self, "mini_rank", _check_int(self.mini_rank, "mini_rank", 1))
+        object.__setattr__(self, "rank", check_int(self.rank, "rank", 1, "MiSS"))
+        object.__setattr__(self, "mini_rank", check_int(self.mini_rank, "mini_rank", 1, "MiSS"))
         if self.variant not in _VARIANTS:
             raise ValueError(f"MiSS variant must be one of {_VARIANTS}, got {self.variant!r}")
         if self.init not in _INITS:

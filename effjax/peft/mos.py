@@ -87,18 +87,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from effjax.peft._checks import check_int
 from effjax.peft.base import AdapterMethod, AdapterNode, adapter_node, jit_dense
 from effjax.peft.layout import KernelAxesConfig, KernelLayout, place_like
 
 __all__ = ["MoS", "MoSWeight", "mos_routing"]
-
-
-def _check_int(v: Any, name: str, lo: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-        raise TypeError(f"MoS {name} must be an int, got {v!r}")
-    if v < lo:
-        raise ValueError(f"MoS {name} must be >= {lo}, got {v}")
-    return int(v)
 
 
 def mos_routing(key: jax.Array, num_layers: int, rank: int, pool_rank: int,
@@ -182,7 +175,7 @@ class MoS(KernelAxesConfig, AdapterMethod):
     def __post_init__(self):
         for name, lo in (("rank", 1), ("pool_rank", 1), ("private_rank", 0),
                          ("num_shards", 1)):
-            object.__setattr__(self, name, _check_int(getattr(self, name), name, lo))
+            object.__setattr__(self, name, check_int(getattr(self, name), name, lo, "MoS"))
         if self.private_rank > min(self.rank, self.pool_rank):
             raise ValueError(f"MoS private_rank={self.private_rank} must be <= rank="
                              f"{self.rank} and <= pool_rank={self.pool_rank}")

@@ -58,18 +58,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from effjax.peft._checks import check_int
 from effjax.peft.base import AdapterMethod, AdapterNode, adapter_node, jit_dense
 from effjax.peft.layout import KernelAxesConfig, KernelLayout, place_like
 
 __all__ = ["NOLA", "NOLAWeight", "nola_bases"]
-
-
-def _check_int(v: Any, name: str, lo: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-        raise TypeError(f"NOLA {name} must be an int, got {v!r}")
-    if v < lo:
-        raise ValueError(f"NOLA {name} must be >= {lo}, got {v}")
-    return int(v)
 
 
 def nola_bases(seed: int, rank: int, num_basis_a: int, num_basis_b: int, n_in: int,
@@ -147,8 +140,8 @@ class NOLA(KernelAxesConfig, AdapterMethod):
 
     def __post_init__(self):
         for name in ("rank", "num_basis_a", "num_basis_b"):
-            object.__setattr__(self, name, _check_int(getattr(self, name), name, 1))
-        object.__setattr__(self, "seed", _check_int(self.seed, "seed", 0))
+            object.__setattr__(self, name, check_int(getattr(self, name), name, 1, "NOLA"))
+        object.__setattr__(self, "seed", check_int(self.seed, "seed", 0, "NOLA"))
         if self.seed >= 2**32:
             raise ValueError(f"NOLA seed must be < 2**32, got {self.seed}")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float, np.number)):

@@ -92,18 +92,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from effjax.peft._checks import check_int
 from effjax.peft.base import AdapterMethod, AdapterNode, adapter_node, jit_dense
 from effjax.peft.layout import KernelAxesConfig, KernelLayout, place_like
 
 __all__ = ["RandLoRA", "RandLoRAWeight", "randlora_bases", "randlora_num_bases"]
-
-
-def _check_int(v: Any, name: str, lo: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-        raise TypeError(f"RandLoRA {name} must be an int, got {v!r}")
-    if v < lo:
-        raise ValueError(f"RandLoRA {name} must be >= {lo}, got {v}")
-    return int(v)
 
 
 def randlora_num_bases(rank: int, n_in: int, n_out: int) -> int:
@@ -215,8 +208,8 @@ class RandLoRA(KernelAxesConfig, AdapterMethod):
     batch_axes: int | tuple[int, ...] = ()
 
     def __post_init__(self):
-        object.__setattr__(self, "rank", _check_int(self.rank, "rank", 1))
-        object.__setattr__(self, "seed", _check_int(self.seed, "seed", 0))
+        object.__setattr__(self, "rank", check_int(self.rank, "rank", 1, "RandLoRA"))
+        object.__setattr__(self, "seed", check_int(self.seed, "seed", 0, "RandLoRA"))
         if self.seed >= 2**32:
             raise ValueError(f"RandLoRA seed must be < 2**32, got {self.seed}")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float, np.number)):
@@ -233,7 +226,7 @@ class RandLoRA(KernelAxesConfig, AdapterMethod):
             if not self.very_sparse:
                 raise ValueError("RandLoRA very_sparse_dim is only used with very_sparse=True")
             object.__setattr__(self, "very_sparse_dim",
-                               _check_int(self.very_sparse_dim, "very_sparse_dim", 1))
+                               check_int(self.very_sparse_dim, "very_sparse_dim", 1, "RandLoRA"))
         self._normalize_dtype_and_axes("RandLoRA")
 
     @property

@@ -37,9 +37,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from effjax.compress import key_path_str
 from effjax.peft.base import AdapterNode, is_adapter
-from effjax.peft.rules import assign_rules, compile_rules
+from effjax.peft.rules import compile_rules
+from effjax.selection import rewrite, tree_paths
 
 __all__ = ["inject", "materialize", "merge", "trainable_mask", "split", "combine", "summary",
            "Summary", "adapter_paths", "leaf_key"]
@@ -55,8 +55,20 @@ def leaf_key(key: jax.Array, path: str) -> jax.Array:
 
 
 def _flatten(tree: Any):
-    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_adapter)
-    return [key_path_str(p) for p, _ in flat], [x for _, x in flat], treedef
+    return tree_paths(tree, is_leaf=is_adapter)
+
+
+def _check_not_module(params: Any) -> None:
+    """An NNX module (not its state) passed as params: say what to pass instead."""
+    try:
+        from flax import nnx
+    except ImportError:  # pragma: no cover - flax is a dependency
+        return
+    if isinstance(params, nnx.Module):
+        raise TypeError(
+            f"inject got the NNX module {type(params).__name__} itself; pass its parameters: "
+            f"graphdef, params, rest = nnx.split(model, nnx.Param, ...); tree = inject(params, "
+            f"rules, key=key); a model back: nnx.merge(graphdef, materialize(tree), rest)")
 
 
 def adapter_paths(tree: Any) -> dict[str, AdapterNode]:
@@ -105,37 +117,25 @@ def inject(params: Any, rules: Any, *, key: jax.Array,
       >>> jax.tree.all(jax.tree.map(lambda x, y: bool((x == y).all()), materialize(tree), params))
       True
     """
-    compiled = compile_rules(rules)
-    paths, leaves, treedef = _flatten(params)
-    choice = assign_rules(paths, compiled)
-    out = []
-    for path, leaf, c in zip(paths, leaves, choice):
-        method = None if c is None else compiled[c].method
-        if method is None:
-            out.append(leaf)
-            continue
-        where = (f"leaf '{path}' (shape {tuple(getattr(leaf, 'shape', ()))}, dtype "
-                 f"{getattr(leaf, 'dtype', type(leaf).__name__)}), rule '{compiled[c].pattern}'")
+    def adapt(path, leaf, method):
         if is_adapter(leaf):
-            raise TypeError(f"{where}: the leaf already holds a {type(leaf).__name__} "
+            raise TypeError(f"the leaf already holds a {type(leaf).__name__} "
                             f"({leaf.method.name}); adapters do not stack")
         dtype = getattr(leaf, "dtype", None)
         if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
-            raise TypeError(f"{where}: {method.name} needs a floating array")
+            raise TypeError(f"{method.name} needs a floating array")
         kind = getattr(method, "calibration", None)
         extra = {}
         if kind is not None:
             if calibration is None or path not in calibration:
-                raise ValueError(f"{where}: {method.name} needs calibration data ({kind}) for "
-                                 f"this leaf; pass inject(..., calibration={{'{path}': ...}}) "
-                                 f"(see effjax.peft.calibrate)")
+                raise ValueError(f"{method.name} needs calibration data ({kind}) for this "
+                                 f"leaf; pass inject(..., calibration={{'{path}': ...}}) (see "
+                                 f"effjax.peft.calibrate)")
             extra["data"] = calibration[path]
-        try:
-            node = method.adapt(leaf_key(key, path), leaf, **extra)
-        except (ValueError, TypeError) as e:
-            raise type(e)(f"{where}: {e}") from None
-        out.append(node)
-    return jax.tree_util.tree_unflatten(treedef, out)
+        return method.adapt(leaf_key(key, path), leaf, **extra)
+
+    _check_not_module(params)
+    return rewrite(params, compile_rules(rules), adapt, is_leaf=is_adapter)
 
 
 def materialize(tree: Any) -> Any:

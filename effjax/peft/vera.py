@@ -64,18 +64,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from effjax.peft._checks import check_int
 from effjax.peft.base import AdapterMethod, AdapterNode, adapter_node, jit_dense
 from effjax.peft.layout import KernelAxesConfig, KernelLayout, place_like
 
 __all__ = ["VeRA", "VeRAWeight", "vera_projections"]
-
-
-def _check_int(v: Any, name: str, lo: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-        raise TypeError(f"VeRA {name} must be an int, got {v!r}")
-    if v < lo:
-        raise ValueError(f"VeRA {name} must be >= {lo}, got {v}")
-    return int(v)
 
 
 def _rows(key: jax.Array, n: int, r: int, bound: float, dtype: Any) -> jax.Array:
@@ -157,12 +150,12 @@ class VeRA(KernelAxesConfig, AdapterMethod):
     batch_axes: int | tuple[int, ...] = ()
 
     def __post_init__(self):
-        object.__setattr__(self, "rank", _check_int(self.rank, "rank", 1))
-        object.__setattr__(self, "seed", _check_int(self.seed, "seed", 0))
+        object.__setattr__(self, "rank", check_int(self.rank, "rank", 1, "VeRA"))
+        object.__setattr__(self, "seed", check_int(self.seed, "seed", 0, "VeRA"))
         if self.seed >= 2**32:
             raise ValueError(f"VeRA seed must be < 2**32, got {self.seed}")
         if self.max_in is not None:
-            object.__setattr__(self, "max_in", _check_int(self.max_in, "max_in", 1))
+            object.__setattr__(self, "max_in", check_int(self.max_in, "max_in", 1, "VeRA"))
         if isinstance(self.d_initial, bool) or not isinstance(self.d_initial,
                                                               (int, float, np.number)):
             raise TypeError(f"VeRA d_initial must be a number, got {self.d_initial!r}")

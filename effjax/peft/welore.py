@@ -85,10 +85,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from effjax.compress import key_path_str
 from effjax.peft.base import AdapterMethod, AdapterNode, adapter_node
 from effjax.peft.layout import KernelAxesConfig, KernelLayout, place_like
 from effjax.peft.rules import assign_rules, compile_rules
+from effjax.selection import path_str
 
 __all__ = ["WeLore", "WeLoreWeight", "welore_spectra", "welore_threshold", "welore_ranks",
            "welore_rules"]
@@ -267,7 +267,7 @@ def _targets(targets: Any) -> list:
 def _targeted(params: Any, targets: Any) -> dict[str, tuple[WeLore, jax.Array]]:
     rules = _targets(targets)
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    paths = [key_path_str(p) for p, _ in flat]
+    paths = [path_str(p) for p, _ in flat]
     out = {}
     for path, (_, leaf), c in zip(paths, flat, assign_rules(paths, rules)):
         if c is None or rules[c].method is None:

@@ -3,6 +3,7 @@
 The shared numeric core of effjax; optimizers, weight quantization and kernels build on it.
 """
 
+from effjax.quant import search
 from effjax.quant.blockwise import (
     QuantizedArray,
     block_layout,
@@ -22,6 +23,7 @@ from effjax.quant.codebooks import (
 )
 
 __all__ = [
+    "search",
     "QuantizedArray",
     "block_layout",
     "block_view",

@@ -1,7 +1,7 @@
 """Gather-free, bit-exact decode and nearest-code search for the 8-bit dynamic maps.
 
 A Pallas kernel cannot capture a lookup table, so the kernels (and the jnp path on backends
-other than CPU, see ``_search``) decode and encode the dynamic map by its construction:
+other than CPU, see ``effjax.quant.search``) decode and encode the dynamic map by its construction:
 
 * magnitude index ``p`` (0-based among the non-zero codes below 1) lies in decade
   ``i = floor(log2(p + 2**k)) - k`` at position ``j = p + 2**k - 2**(i + k)``, where ``k = 0``

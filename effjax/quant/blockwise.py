@@ -59,7 +59,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from effjax.quant import _search
+from effjax.quant import search
 
 __all__ = ["QuantizedArray", "quantize_blockwise", "dequantize_blockwise", "block_layout",
            "block_view", "scales_shape",
@@ -306,7 +306,7 @@ def quantize_blockwise(
     scale_dtype = check_scale_dtype(scale_dtype)
     values = _as_codebook(codebook)
     bits = _bits_for(len(values))
-    sorted_values = _search.sorted_values_of(values)
+    sorted_values = search.sorted_values_of(values)
 
     xb, lead, length = _blocks(x.astype(jnp.float32), int(block_size))
     absmax = jnp.max(jnp.abs(xb), axis=-1)
@@ -319,17 +319,17 @@ def quantize_blockwise(
     inv = jnp.where(absmax > 0, 1.0 / (absmax * pre), 0.0)
     y = (xb * pre[..., None]) * inv[..., None]
     if rounding == "nearest":
-        idx = _search.nearest_sorted(y, sorted_values)
+        idx = search.nearest_sorted(y, sorted_values)
     else:
-        lo = _search.floor_sorted(y, sorted_values)
+        lo = search.floor_sorted(y, sorted_values)
         hi = jnp.minimum(lo + 1, len(values) - 1)
-        v_lo = _search.sorted_value(lo, sorted_values)
-        v_hi = _search.sorted_value(hi, sorted_values)
+        v_lo = search.sorted_value(lo, sorted_values)
+        v_hi = search.sorted_value(hi, sorted_values)
         gap = v_hi - v_lo
         p_up = jnp.where(gap > 0, jnp.clip((y - v_lo) / jnp.where(gap > 0, gap, 1.0), 0, 1), 0)
         up = jax.random.uniform(key, y.shape) < p_up
         idx = jnp.where(up, hi, lo)
-    idx = _search.to_codes(idx, values)
+    idx = search.to_codes(idx, values)
     codes = _unblocks(idx.astype(jnp.uint8), lead, length, x.shape)
     if bits == 4:
         codes = _pack4(codes)
@@ -362,7 +362,7 @@ def dequantize_blockwise(q: QuantizedArray, *, tables: bool | None = None) -> ja
     codes = q.codes
     if q.bits == 4:
         codes = _unpack4(codes, q.shape[-1])
-    vals = _search.value_at(codes, q.codebook, tables=tables)
+    vals = search.value_at(codes, q.codebook, tables=tables)
     vb, lead, length = _blocks(vals, q.block_size)
     out = vb * q.absmax.astype(jnp.float32)[..., None]
     return _unblocks(out, lead, length, q.shape).astype(q.dtype)

@@ -309,7 +309,7 @@ void parallel_for(ffi::ThreadPool& pool, int64_t n, int64_t grain, const F& f) {
   while (sh->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
 }
 
-// effjax.quant._search._thresholds for a codebook of <= 16 values: the float32 midpoint of
+// effjax.quant.search._thresholds for a codebook of <= 16 values: the float32 midpoint of
 // each pair of neighbouring sorted values, rounded up where rounding fell below it, so
 // y >= T_k <=> the nearest sorted index exceeds k (ties to the larger value).
 void set_thresholds(Book& b, int64_t n) {

@@ -12,8 +12,9 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from effjax.compress.fake_quant import FakeQuant, fake_quantize, fake_quantize_params, key_path_str
+from effjax.compress.fake_quant import FakeQuant, fake_quantize, fake_quantize_params
 from effjax.models import CharTransformer, CharTransformerConfig, next_token_loss
+from effjax.selection import path_str
 
 
 # ----------------------------------------------------------------------------- numpy reference
@@ -275,11 +276,11 @@ def linen_setup():
 
 def test_key_paths_of_linen_and_nnx():
     from jax.tree_util import DictKey, GetAttrKey, SequenceKey
-    assert key_path_str((DictKey("params"), DictKey("Dense_0"), DictKey("kernel"))) == \
+    assert path_str((DictKey("params"), DictKey("Dense_0"), DictKey("kernel"))) == \
         "params/Dense_0/kernel"
-    assert key_path_str((DictKey("blocks"), DictKey(0), DictKey("up"), DictKey("kernel"),
+    assert path_str((DictKey("blocks"), DictKey(0), DictKey("up"), DictKey("kernel"),
                          GetAttrKey("value"))) == "blocks/0/up/kernel"
-    assert key_path_str((GetAttrKey("layers"), SequenceKey(2), GetAttrKey("w"))) == "layers/2/w"
+    assert path_str((GetAttrKey("layers"), SequenceKey(2), GetAttrKey("w"))) == "layers/2/w"
 
 
 def test_rules_first_match_wins_and_none_leaves_float(linen_setup):

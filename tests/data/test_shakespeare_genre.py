@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from effjax.data import to_arrays
-from effjax.data.shakespeare import _plays_dir
+from effjax.data.shakespeare import plays_dir
 from effjax.data.shakespeare_genre import (
     GENRES,
     dialogue_lines,
@@ -63,7 +63,7 @@ def test_splits_are_by_play_and_stratified(built):
 
 def test_lines_are_the_plays_dialogue(built):
     arrays, plays = built
-    root = _plays_dir()
+    root = plays_dir()
     total = 0
     for index, play in enumerate(plays):
         with open(os.path.join(root, play + ".md"), encoding="utf-8") as f:

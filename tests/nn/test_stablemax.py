@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from effjax.nn.stablemax import log_s, log_stablemax, stablemax, stablemax_cross_entropy
+from effjax.nn import log_s, log_stablemax, stablemax, stablemax_cross_entropy
 
 _rng = np.random.default_rng(0)
 

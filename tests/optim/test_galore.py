@@ -16,10 +16,16 @@ import orbax.checkpoint as ocp
 import pytest
 from optax import contrib
 
-from effjax.optim.fira import FiraState, fira, fira_adamw
-from effjax.optim.galore import GaLoreState, galore, galore_adamw
+from effjax.optim import (
+    FiraState,
+    GaLoreState,
+    fira,
+    fira_adamw,
+    galore,
+    galore_adamw,
+    quantize_state,
+)
 from effjax.optim.memory import state_bytes
-from effjax.optim.quantize_state import quantize_state
 from effjax.quant import QuantizedArray
 
 # See tests/optim/test_lowbit_conformance.py: skip LLVM's optimization passes to cut compile

@@ -11,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 
+from effjax.optim import perp_grad, project_out_param_direction
 from effjax.optim.allora import (
     allora_coefficient,
     allora_lora_delta,
@@ -21,7 +22,6 @@ from effjax.optim.batch_size import (
     lr_for_batch_size,
     scale_learning_rate,
 )
-from effjax.optim.perp_grad import perp_grad, project_out_param_direction
 
 _rng = np.random.default_rng(0)
 

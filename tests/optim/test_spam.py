@@ -15,15 +15,16 @@ import numpy as np
 import optax
 import pytest
 
-from effjax.optim.quantize_state import quantize_state
-from effjax.optim.spam import scale_by_spam, spam
-from effjax.optim.stable_spam import (
+from effjax.optim import (
     STABLE_SPAM_4BIT,
     STABLE_SPAM_BF16,
     adaptive_grad_norm,
     adaptive_spike_clip,
     cosine_momentum_scale,
     momentum_reset,
+    quantize_state,
+    scale_by_spam,
+    spam,
     stable_spam,
 )
 from effjax.quant import QuantizedArray, dynamic_codebook

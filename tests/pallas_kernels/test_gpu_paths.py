@@ -15,7 +15,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from effjax import optim as O
 from effjax import quant as Q
-from effjax.quant import _search
+from effjax.quant import search
 from pallas_kernels import blockwise as B
 from pallas_kernels import optim_update as K
 
@@ -34,7 +34,7 @@ def _boundary_blocks(cb, bs):
     """Every decision threshold, its float32 neighbours, every code value and a NaN, scaled
     into blocks whose absmax is exactly 1 (so ``y == x``)."""
     vals = np.sort(np.asarray(cb, np.float32))
-    t = _search._thresholds(vals)
+    t = search._thresholds(vals)
     pts = np.concatenate([t, np.nextafter(t, -np.inf), np.nextafter(t, np.inf), vals, [np.nan]])
     pts = np.clip(pts.astype(np.float32), -1, 1)
     pts = np.concatenate([pts, np.zeros((-pts.size) % (bs - 1), np.float32)]).reshape(-1, bs - 1)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from effjax.peft.calibrate import input_stats
+from effjax.peft import input_stats
 from effjax.peft.corda import CorDA
 from tests.peft.conformance_case import Case, f32
 

@@ -9,7 +9,7 @@ output axes).
 import jax.numpy as jnp
 import numpy as np
 
-from effjax.peft.calibrate import input_stats
+from effjax.peft import input_stats
 from effjax.peft.eva import EVA
 from tests.peft.conformance_case import Case, f32
 

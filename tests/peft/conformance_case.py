@@ -86,9 +86,9 @@ def perturb(tree, seed=2):
 
 def paths(tree):
     """The '/'-joined paths of every array leaf of ``tree``."""
-    from effjax.compress import key_path_str
+    from effjax.selection import path_str
 
-    return {key_path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return {path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def collect_cases() -> dict[str, Case]:

@@ -40,16 +40,25 @@ import torch
 from flax import nnx
 from peft.tuners.lora.config import CordaConfig
 
-from effjax.compress import key_path_str
 from effjax.models.bert import mean_pool
 from effjax.models.minilm import load_minilm, minilm_folder
-from effjax.peft import DoRA, LoRA, VeRA, adapter_paths, inject, is_adapter, materialize, merge
+from effjax.peft import (
+    DoRA,
+    LoRA,
+    VeRA,
+    adapter_paths,
+    calibrate,
+    inject,
+    is_adapter,
+    materialize,
+    merge,
+)
 from effjax.peft import summary as peft_summary
-from effjax.peft.calibrate import calibrate
 from effjax.peft.corda import CorDA
 from effjax.peft.eva import EVA, eva_rules
 from effjax.peft.miss import MiSS
 from effjax.peft.randlora import RandLoRA
+from effjax.selection import path_str
 
 # PEFT module suffix (under encoder.layer.<i>.) -> our NNX layer (layers/<i>/<name>/kernel)
 TARGETS = {
@@ -450,7 +459,7 @@ class MiniLMPair:
                                * torch.randn(param.shape, generator=gen))
         copied = {p: row.copy(peft_layers[p], nodes[p]) for p in nodes}
         tree = jax.tree_util.tree_map_with_path(
-            lambda kp, x: copied.get(key_path_str(kp), x), tree, is_leaf=is_adapter)
+            lambda kp, x: copied.get(path_str(kp), x), tree, is_leaf=is_adapter)
 
         hidden_ours, pooled_ours = self.forward(materialize(tree))
         hidden_peft, pooled_peft = self.torch_forward(pm)
@@ -481,5 +490,5 @@ class MiniLMPair:
 def _merged_kernels(tree, paths: Sequence[str]) -> dict[str, np.ndarray]:
     """``{path: merged kernel}`` from :func:`effjax.peft.merge`, for ``paths``."""
     merged = merge(tree)
-    flat = {key_path_str(kp): x for kp, x in jax.tree_util.tree_flatten_with_path(merged)[0]}
+    flat = {path_str(kp): x for kp, x in jax.tree_util.tree_flatten_with_path(merged)[0]}
     return {p: np.asarray(flat[p]) for p in paths}

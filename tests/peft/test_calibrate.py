@@ -16,8 +16,7 @@ from flax import nnx
 
 from effjax.models import CharTransformer, CharTransformerConfig
 from effjax.models.bert import BertConfig, BertModel
-from effjax.peft import AdapterMethod, LoRA
-from effjax.peft.calibrate import InputStats, calibrate, input_stats
+from effjax.peft import AdapterMethod, InputStats, LoRA, calibrate, input_stats
 
 RTOL, ATOL = 1e-5, 1e-4
 

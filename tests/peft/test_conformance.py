@@ -20,7 +20,6 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from effjax.compress import key_path_str
 from effjax.peft import (
     LoRA,
     combine,
@@ -33,6 +32,7 @@ from effjax.peft import (
     summary,
     trainable_mask,
 )
+from effjax.selection import path_str
 from tests.peft.conformance_case import collect_cases, params_for
 from tests.peft.conformance_case import paths as _paths
 from tests.peft.conformance_case import perturb as _perturb
@@ -127,7 +127,7 @@ def test_grad_reaches_only_trainable_leaves_and_matches_the_equation(name):
     node = tree["layer"]["kernel"]
     fields = node.trainable_fields
     mask = trainable_mask(tree)
-    want_paths = {key_path_str(p) for p, m in jax.tree_util.tree_flatten_with_path(mask)[0]
+    want_paths = {path_str(p) for p, m in jax.tree_util.tree_flatten_with_path(mask)[0]
                   if m}
     assert _paths(grads) == _paths(trainable) == want_paths
     assert want_paths == {f"layer/kernel/{f}" for f in fields} and fields

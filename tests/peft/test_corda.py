@@ -19,10 +19,18 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.lora.config import CordaConfig
 from peft.tuners.lora.corda import preprocess_corda
 
-from effjax.compress import key_path_str
-from effjax.peft import LoRAWeight, adapter_paths, inject, is_adapter, materialize
-from effjax.peft.calibrate import InputStats, calibrate, input_stats
+from effjax.peft import (
+    InputStats,
+    LoRAWeight,
+    adapter_paths,
+    calibrate,
+    inject,
+    input_stats,
+    is_adapter,
+    materialize,
+)
 from effjax.peft.corda import CorDA, corda_decompose
+from effjax.selection import path_str
 
 LAYERS = (0, 2, 4)
 
@@ -144,7 +152,7 @@ def test_outputs_agree_with_peft_weights_copied_in(setup, mode):
             a=jnp.asarray(mod.lora_A["default"].weight.detach().numpy().T),
             b=jnp.asarray(mod.lora_B["default"].weight.detach().numpy().T))
     tree = jax.tree_util.tree_map_with_path(
-        lambda kp, v: new.get(key_path_str(kp), v) if is_adapter(v) else v, tree,
+        lambda kp, v: new.get(path_str(kp), v) if is_adapter(v) else v, tree,
         is_leaf=is_adapter)
     want = pm(torch.tensor(x)).detach().numpy()
     got = np.asarray(nnx.merge(graphdef, materialize(tree))(jnp.asarray(x)))

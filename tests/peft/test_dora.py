@@ -18,7 +18,6 @@ import peft
 import pytest
 import torch
 
-from effjax.compress import key_path_str
 from effjax.peft import (
     combine,
     inject,
@@ -31,6 +30,7 @@ from effjax.peft import (
     trainable_mask,
 )
 from effjax.peft.dora import DoRA, DoRAWeight
+from effjax.selection import path_str
 from tests.peft.conformance_case import params_for as _params
 from tests.peft.conformance_case import paths as _paths
 from tests.peft.conformance_case import perturb as _perturb
@@ -125,7 +125,7 @@ def test_grads_reach_only_a_b_m_and_match_the_equation(name, detach):
     grads = jax.jit(jax.grad(loss))(trainable)
     want_paths = {"layer/kernel/a", "layer/kernel/b", "layer/kernel/m"}
     flat_mask = jax.tree_util.tree_flatten_with_path(trainable_mask(tree))[0]
-    assert {key_path_str(p) for p, m in flat_mask if m} == want_paths
+    assert {path_str(p) for p, m in flat_mask if m} == want_paths
     assert _paths(grads) == want_paths
     node = tree["layer"]["kernel"]
 

@@ -18,10 +18,18 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.lora.config import EvaConfig
 from peft.tuners.lora.eva import initialize_lora_eva_weights
 
-from effjax.compress import key_path_str
-from effjax.peft import LoRA, LoRAWeight, adapter_paths, inject, is_adapter, materialize
-from effjax.peft.calibrate import calibrate, input_stats
+from effjax.peft import (
+    LoRA,
+    LoRAWeight,
+    adapter_paths,
+    calibrate,
+    inject,
+    input_stats,
+    is_adapter,
+    materialize,
+)
 from effjax.peft.eva import EVA, eva_components, eva_rules
+from effjax.selection import path_str
 
 PATHS = ["l0/kernel", "l2/kernel", "l4/kernel"]
 
@@ -67,7 +75,7 @@ def _peft_eva(tm, x, whiten=False):
 def _replace_nodes(tree, new):
     """``tree`` with the adapter nodes at the paths of ``new`` replaced."""
     return jax.tree_util.tree_map_with_path(
-        lambda kp, x: new.get(key_path_str(kp), x) if is_adapter(x) else x, tree,
+        lambda kp, x: new.get(path_str(kp), x) if is_adapter(x) else x, tree,
         is_leaf=is_adapter)
 
 

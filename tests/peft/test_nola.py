@@ -9,7 +9,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from effjax.compress import key_path_str
 from effjax.peft import (
     combine,
     inject,
@@ -22,6 +21,7 @@ from effjax.peft import (
     trainable_mask,
 )
 from effjax.peft.nola import NOLA, NOLAWeight, nola_bases
+from effjax.selection import path_str
 from tests.peft.conformance_case import params_for as _params
 from tests.peft.conformance_case import paths as _paths
 from tests.peft.conformance_case import perturb as _perturb
@@ -107,7 +107,7 @@ def test_grad_reaches_only_trainable_leaves(name):
 
     grads = jax.jit(jax.grad(loss))(trainable)
     mask = trainable_mask(tree)
-    want = {key_path_str(p) for p, m in jax.tree_util.tree_flatten_with_path(mask)[0] if m}
+    want = {path_str(p) for p, m in jax.tree_util.tree_flatten_with_path(mask)[0] if m}
     assert _paths(grads) == want == FIELDS
     # d loss / d coef = <dL/dW', dW'/dcoef>: check by central differences in float64 numpy
     node = tree["layer"]["kernel"]

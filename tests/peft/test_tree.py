@@ -8,7 +8,7 @@ import optax
 import pytest
 from flax import nnx
 
-from effjax.compress import FakeQuant, key_path_str
+from effjax.compress import FakeQuant
 from effjax.models import CharTransformer, CharTransformerConfig, next_token_loss
 from effjax.peft import (
     LoRA,
@@ -26,10 +26,11 @@ from effjax.peft import (
     summary,
     trainable_mask,
 )
+from effjax.selection import path_str
 
 
 def _paths(tree):
-    return {key_path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return {path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def _randomize_b(tree, seed=0):
@@ -89,7 +90,7 @@ def test_linen_freeze_with_multi_transform(linen):
         return optax.apply_updates(t, upd)
 
     new = step(tree)
-    changed = {key_path_str(p) for (p, a), b in zip(
+    changed = {path_str(p) for (p, a), b in zip(
         jax.tree_util.tree_flatten_with_path(tree)[0], jax.tree.leaves(new))
         if not np.array_equal(np.asarray(a), np.asarray(b))}
     assert changed == {"params/fc1/kernel/a", "params/fc1/kernel/b",
@@ -143,7 +144,7 @@ def test_nnx_identity_counts_and_reference(char):
     def ref(kp, x):  # W + s * einsum(a, b), the einsum picked by the layer name
         if not isinstance(x, LoRAWeight):
             return x.w if is_adapter(x) else x
-        layer = key_path_str(kp).split("/")[-2]
+        layer = path_str(kp).split("/")[-2]
         return x.w + 2.0 * jnp.einsum(EINSUM[layer], x.a, x.b)
 
     want = apply(jax.tree_util.tree_map_with_path(ref, tree, is_leaf=is_adapter))

@@ -12,7 +12,6 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from effjax.compress import key_path_str
 from effjax.peft import (
     combine,
     inject,
@@ -25,6 +24,7 @@ from effjax.peft import (
     trainable_mask,
 )
 from effjax.peft.vera import VeRA, VeRAWeight, vera_projections
+from effjax.selection import path_str
 from tests.peft.conformance_case import params_for as _params
 from tests.peft.conformance_case import paths as _paths
 from tests.peft.conformance_case import perturb as _perturb
@@ -120,7 +120,7 @@ def test_grad_reaches_only_trainable_leaves(name):
 
     grads = jax.jit(jax.grad(loss))(trainable)
     mask = trainable_mask(tree)
-    want = {key_path_str(p) for p, m in jax.tree_util.tree_flatten_with_path(mask)[0] if m}
+    want = {path_str(p) for p, m in jax.tree_util.tree_flatten_with_path(mask)[0] if m}
     assert _paths(grads) == want == {"layer/kernel/lambda_d", "layer/kernel/lambda_b"}
     node, eq = tree["layer"]["kernel"], CASES[name][3]
 

@@ -528,7 +528,7 @@ def test_table_and_gather_free_lookups_agree_with_brute_force(name):
     """``tables=True`` (1-D lookup tables: the CPU default) and ``tables=False`` (closed forms
     and compare chains: what the Pallas kernels run) both find the truly nearest code and
     decode it to the codebook's value, on every decision boundary and its neighbours."""
-    from effjax.quant import _search
+    from effjax.quant import search
 
     cb = np.asarray(CODEBOOKS[name], np.float32)
     s = np.unique(cb).astype(np.float64)
@@ -540,13 +540,13 @@ def test_table_and_gather_free_lookups_agree_with_brute_force(name):
     if cb.min() >= 0:
         y = np.abs(y)
     vals = tuple(float(v) for v in cb)
-    sv = _search.sorted_values_of(vals)
+    sv = search.sorted_values_of(vals)
     dmin = _dists(y, cb)[0]
     got = {}
     for tables in (True, False):
-        idx = _search.nearest_sorted(jnp.asarray(y), sv, tables=tables)
-        codes = _search.to_codes(idx, vals, tables=tables)
-        v = np.asarray(_search.value_at(codes, vals, tables=tables), np.float64)
+        idx = search.nearest_sorted(jnp.asarray(y), sv, tables=tables)
+        codes = search.to_codes(idx, vals, tables=tables)
+        v = np.asarray(search.value_at(codes, vals, tables=tables), np.float64)
         np.testing.assert_array_equal(v, cb[np.asarray(codes)])  # decode == the table
         np.testing.assert_array_equal(np.abs(v - y), dmin)  # nearest
         got[tables] = np.asarray(codes)

@@ -1,5 +1,7 @@
 """Exact nearest-code search for sorted codebooks, without transcendentals.
 
+Public for kernels (:mod:`pallas_kernels`), which must find the same codes bit for bit.
+
 For a codebook with sorted values ``v_0 <= ... <= v_{K-1}`` the nearest code of ``y`` is the
 number of decision thresholds ``t_k = (v_k + v_{k+1}) / 2`` with ``y >= t_k`` (ties go up). The
 thresholds are stored as the smallest float32 at or above the exact midpoint, so the float32
@@ -38,6 +40,12 @@ import numpy as np
 
 from effjax.quant import _dynamic_map
 
+__all__ = ["BucketTable", "bucket_table", "sort_order", "sorted_values_of", "nearest_sorted",
+           "floor_sorted", "sorted_value", "value_at", "to_codes", "dynamic_map_kind",
+           "default_tables"]
+
+dynamic_map_kind = _dynamic_map.kind_of  # which 8-bit dynamic map a codebook is (or None)
+
 _DIRECT_MAX = 16
 
 
@@ -50,7 +58,7 @@ def _thresholds(values: np.ndarray) -> np.ndarray:
     return t
 
 
-class _BucketTable(NamedTuple):
+class BucketTable(NamedTuple):
     shift: int  # 23 - mantissa bits kept
     q0: int  # bucket number of bucket 0's upper neighbour minus one
     buckets: int  # per sign
@@ -66,7 +74,7 @@ def _bucket_bounds(mbits: int, q0: int, buckets: int) -> tuple[np.ndarray, np.nd
     return lo, hi
 
 
-def _try_table(t: np.ndarray, mbits: int, q0: int) -> _BucketTable | None:
+def _try_table(t: np.ndarray, mbits: int, q0: int) -> BucketTable | None:
     shift = 23 - mbits
     top = int(np.float32(2.0).view(np.int32)) >> shift  # buckets reach |y| = 2
     buckets = top - q0 + 1
@@ -91,11 +99,11 @@ def _try_table(t: np.ndarray, mbits: int, q0: int) -> _BucketTable | None:
     rows[buckets:, 0] = base_n
     first_n = np.minimum(base_n, t.size - 1)
     rows[buckets:, 1] = np.where(inside_n == 1, t[first_n], np.inf)
-    return _BucketTable(shift, q0, buckets, rows)
+    return BucketTable(shift, q0, buckets, rows)
 
 
 @functools.cache
-def _bucket_table(values: tuple[float, ...]) -> _BucketTable:
+def bucket_table(values: tuple[float, ...]) -> BucketTable:
     t = _thresholds(np.asarray(values, np.float32))
     for mbits in range(0, 20):
         # The largest q0 (smallest table) whose bucket 0 holds at most one threshold per side.
@@ -127,8 +135,8 @@ def _resolve(tables: bool | None) -> bool:
 
 
 @functools.cache
-def _split_table(values: tuple[float, ...]) -> tuple[_BucketTable, np.ndarray, np.ndarray]:
-    table = _bucket_table(values)
+def _split_table(values: tuple[float, ...]) -> tuple[BucketTable, np.ndarray, np.ndarray]:
+    table = bucket_table(values)
     return table, table.rows[:, 0].astype(np.int32), np.ascontiguousarray(table.rows[:, 1])
 
 
@@ -197,7 +205,7 @@ def value_at(codes: jax.Array, values: tuple[float, ...], *,
     """``values[codes]`` as float32 (codes in the codebook's own order)."""
     if _resolve(tables):
         return _gather(values, codes.astype(jnp.int32))
-    order = _order(values)
+    order = sort_order(values)
     if order is None:
         return sorted_value(codes.astype(jnp.int32), values, tables=False)
     if len(values) <= _DIRECT_MAX:
@@ -206,7 +214,7 @@ def value_at(codes: jax.Array, values: tuple[float, ...], *,
 
 
 @functools.cache
-def _order(values: tuple[float, ...]):
+def sort_order(values: tuple[float, ...]):
     """``(sorted_values, original index of each sorted position)``; None if already sorted."""
     arr = np.asarray(values, np.float32)
     order = np.argsort(arr, kind="stable")
@@ -218,7 +226,7 @@ def _order(values: tuple[float, ...]):
 def to_codes(sorted_idx: jax.Array, values: tuple[float, ...], *,
              tables: bool | None = None) -> jax.Array:
     """Map sorted positions back to codes in the codebook's own order (int32)."""
-    order = _order(values)
+    order = sort_order(values)
     if order is None:
         return sorted_idx
     if len(values) <= _DIRECT_MAX and not _resolve(tables):
@@ -232,5 +240,5 @@ def to_codes(sorted_idx: jax.Array, values: tuple[float, ...], *,
 
 
 def sorted_values_of(values: tuple[float, ...]) -> tuple[float, ...]:
-    order = _order(values)
+    order = sort_order(values)
     return values if order is None else order[0]

@@ -23,14 +23,13 @@ and the spike test), so the state stays finite, and its update is 0 (the paramet
 move, weight decay included). Use ``optax.apply_if_finite`` to skip whole steps instead.
 
 Low-bit states: ``state_bits=8`` or ``4`` stores the moments with
-:func:`effjax.optim.quantize_state.quantize_state` (``m`` on the signed map, ``v`` on the
+:func:`effjax.optim.quantize_state` (``m`` on the signed map, ``v`` on the
 unsigned map); the step counter stays int32. Wrapping the alias in ``quantize_state`` directly
 quantizes the same leaves the same way.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import jax
@@ -44,7 +43,13 @@ from effjax.optim._checks import (
     check_state_bits,
     is_number,
 )
-from effjax.optim.quantize_state import quantize_state
+from effjax.optim._spike_utils import (
+    decay,
+    finite,
+    leaves_like,
+    maybe_quantize,
+    zero_nonfinite_updates,
+)
 
 __all__ = ["ScaleBySpamState", "scale_by_spam", "spam"]
 
@@ -55,75 +60,6 @@ class ScaleBySpamState(NamedTuple):
     count: jax.Array  # int32, steps taken; Adam's bias-correction step
     mu: optax.Updates
     nu: optax.Updates
-
-
-# Shared helpers (also used by effjax.optim.stable_spam) ---------------------------------------
-
-class _Decay(NamedTuple):
-    """An EMA decay ``d`` as float32 ``(d, 1 - d, log d)``."""
-
-    d: jax.Array
-    one_minus: jax.Array
-    log: jax.Array
-
-    def bias_correction(self, t):
-        """``1 - d**t`` computed as ``-expm1(t log d)`` (accurate for d near 1)."""
-        return -jnp.expm1(t * self.log)
-
-    def scaled(self, s: _Decay) -> _Decay:
-        """The decay ``d * s``: ``1 - d s = (1 - d) + d (1 - s)``, ``log(d s) = log d + log s``."""
-        return _Decay(self.d * s.d, self.one_minus + self.d * s.one_minus, self.log + s.log)
-
-
-def _decay(d) -> _Decay:
-    """``1 - d`` and ``log d`` in float64 when ``d`` is a Python number (``1 - 0.99999`` in
-    float32 would be off by 1e-3 relative); in float32 when it is an (injected) array."""
-    if is_number(d):
-        log = math.log(d) if d > 0 else -math.inf
-        return _Decay(*(jnp.asarray(v, jnp.float32) for v in (d, 1.0 - d, log)))
-    d = jnp.asarray(d, jnp.float32)
-    return _Decay(d, 1.0 - d, jnp.log(d))
-
-
-def _leaves_like(updates, tree, where: str, *, shapes: bool = True):
-    """``(update leaves, treedef, tree's leaves)``; ``ValueError`` if the structure (and with
-    ``shapes``, a leaf's shape, naming it) differs from the state's (the params given to init)."""
-    with_path, treedef = jax.tree_util.tree_flatten_with_path(updates)
-    try:
-        like = treedef.flatten_up_to(tree)
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"{where}: the updates' tree structure differs from the parameters' "
-                         f"given to init: {e}") from None
-    for (path, g), m in zip(with_path, like, strict=True):
-        if shapes and jnp.shape(g) != jnp.shape(m):
-            raise ValueError(f"{where}: update {jax.tree_util.keystr(path) or '<root>'} has "
-                             f"shape {jnp.shape(g)}, but init saw shape {jnp.shape(m)}")
-    return [g for _, g in with_path], treedef, like
-
-
-def _finite(g):
-    return jnp.where(jnp.isfinite(g), g, jnp.zeros_like(g))
-
-
-def _zero_nonfinite_updates(inner: optax.GradientTransformation):
-    """Wrap ``inner``: the update of an element whose gradient is non-finite is exactly 0."""
-    inner = optax.with_extra_args_support(inner)
-
-    def update_fn(updates, state, params=None, **extra_args):
-        new_updates, state = inner.update(updates, state, params, **extra_args)
-        new_updates = jax.tree.map(lambda g, u: jnp.where(jnp.isfinite(g), u, jnp.zeros_like(u)),
-                                   updates, new_updates)
-        return new_updates, state
-
-    return optax.GradientTransformationExtraArgs(inner.init, update_fn)
-
-
-def _maybe_quantize(inner, state_bits):
-    """Store the moments in ``state_bits`` bits: ``nu`` (non-negative) on the unsigned map,
-    everything else (``mu``) signed; scalars and counters are never quantized."""
-    if state_bits is None:
-        return inner
-    return quantize_state(inner, bits=state_bits, unsigned_fields="nu")
 
 
 # SPAM ----------------------------------------------------------------------------------------
@@ -163,7 +99,7 @@ def scale_by_spam(
 
     Example:
       >>> import jax.numpy as jnp
-      >>> from effjax.optim.spam import scale_by_spam
+      >>> from effjax.optim import scale_by_spam
       >>> tx = scale_by_spam(reset_interval=100)
       >>> state = tx.init({"w": jnp.zeros(3)})
       >>> u, state = tx.update({"w": jnp.array([1.0, -2.0, 0.0])}, state)
@@ -188,7 +124,7 @@ def scale_by_spam(
     def update_fn(updates, state, params=None):
         del params
         t = optax.safe_increment(state.count)
-        d1, d2 = _decay(b1), _decay(b2)
+        d1, d2 = decay(b1), decay(b2)
         if reset_interval is None:
             reset = jnp.asarray(False)
             clip_on = t >= spike_delay
@@ -205,7 +141,7 @@ def scale_by_spam(
 
         def leaf(g_in, mu_in, nu_in):
             dtype = jnp.promote_types(g_in.dtype, jnp.float32)
-            g = _finite(g_in).astype(dtype)
+            g = finite(g_in).astype(dtype)
             mu = jnp.where(reset, 0.0, mu_in.astype(dtype))
             nu = jnp.where(reset, 0.0, nu_in.astype(dtype))
             if threshold is not None:
@@ -216,7 +152,7 @@ def scale_by_spam(
             u = jnp.where(jnp.isfinite(g_in), step_size * (mu / (jnp.sqrt(nu) + eps)), 0.0)
             return u.astype(g_in.dtype), mu.astype(mu_in.dtype), nu.astype(nu_in.dtype)
 
-        leaves, treedef, mus = _leaves_like(updates, state.mu, where)
+        leaves, treedef, mus = leaves_like(updates, state.mu, where)
         out = [leaf(*x) for x in zip(leaves, mus, treedef.flatten_up_to(state.nu), strict=True)]
         u, mu, nu = (treedef.unflatten([o[i] for o in out]) for i in range(3))
         return u, ScaleBySpamState(count=t, mu=mu, nu=nu)
@@ -277,7 +213,7 @@ def spam(
 
     Example:
       >>> import jax.numpy as jnp, optax
-      >>> from effjax.optim.spam import spam
+      >>> from effjax.optim import spam
       >>> opt = spam(1e-3, reset_interval=500, warmup_steps=150)
       >>> params = {"w": jnp.ones((4, 3))}
       >>> state = opt.init(params)
@@ -288,10 +224,10 @@ def spam(
     """
     check_range("spam", "weight_decay", weight_decay, 0.0)
     check_state_bits("spam", state_bits)
-    core = _maybe_quantize(scale_by_spam(b1, b2, eps, threshold, reset_interval, spike_delay,
+    core = maybe_quantize(scale_by_spam(b1, b2, eps, threshold, reset_interval, spike_delay,
                                          warmup_steps), state_bits)
     parts = [core, optax.scale_by_learning_rate(learning_rate)]
     if not (is_number(weight_decay) and weight_decay == 0):
-        decay = _decay_after_step(learning_rate, weight_decay)
-        parts.append(decay if mask is None else optax.masked(decay, mask))
-    return _zero_nonfinite_updates(optax.chain(*parts))
+        wd_step = _decay_after_step(learning_rate, weight_decay)
+        parts.append(wd_step if mask is None else optax.masked(wd_step, mask))
+    return zero_nonfinite_updates(optax.chain(*parts))

@@ -71,7 +71,7 @@ Projection", ICML 2024 (arXiv:2403.03507).
 
 Example:
   >>> import jax, jax.numpy as jnp, optax
-  >>> from effjax.optim.galore import galore_adamw
+  >>> from effjax.optim import galore_adamw
   >>> params = {"w": jnp.zeros((64, 32)), "b": jnp.zeros((32,))}
   >>> opt = galore_adamw(1e-3, rank=8, update_proj_gap=200)
   >>> state = opt.init(params)
@@ -93,7 +93,7 @@ import optax
 
 from effjax.optim._checks import is_number
 
-__all__ = ["GaLoreState", "galore", "galore_adamw", "scale_by_adam_uncorrected",
+__all__ = ["GaLoreState", "FiraState", "galore", "galore_adamw", "scale_by_adam_uncorrected",
            "adam_bias_correction", "PROJ_TYPES"]
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
@@ -114,6 +114,18 @@ class GaLoreState(NamedTuple):
     count: jax.Array
     left: Any
     right: Any
+    inner_state: optax.OptState
+
+
+class FiraState(NamedTuple):
+    """State of :func:`effjax.optim.fira`: :class:`GaLoreState`'s fields plus
+    ``residual_norm``, per projected leaf the float32 norm of the last limited residual
+    (shape: the leaf's stack axes, ``()`` for a matrix)."""
+
+    count: jax.Array
+    left: Any
+    right: Any
+    residual_norm: Any
     inner_state: optax.OptState
 
 
@@ -316,11 +328,7 @@ def low_rank_transform(inner, *, rank, update_proj_gap, scale, proj_type, projec
     if not isinstance(stacked, bool):
         raise ValueError(f"{where}: stacked must be a bool, got {stacked!r}")
     inner = optax.with_extra_args_support(optax.scale_by_adam() if inner is None else inner)
-    # Imported here: fira.py imports this module.
-    state_cls = GaLoreState
-    if fira:
-        from effjax.optim.fira import FiraState
-        state_cls = FiraState
+    state_cls = FiraState if fira else GaLoreState
 
     def plans_of(tree):
         return _plans(tree, projection_mask, rank, proj_type, stacked, row_axes, where)
@@ -447,7 +455,7 @@ def galore(
 
     Example:
       >>> import jax, jax.numpy as jnp, optax
-      >>> from effjax.optim.galore import galore
+      >>> from effjax.optim import galore
       >>> opt = optax.chain(galore(optax.scale_by_adam(), rank=4, proj_type="left"),
       ...                   optax.scale_by_learning_rate(1e-2))
       >>> params = {"w": jnp.zeros((16, 32))}
@@ -525,7 +533,7 @@ def galore_adamw(
 
     Example:
       >>> import jax, jax.numpy as jnp, optax
-      >>> from effjax.optim.galore import galore_adamw
+      >>> from effjax.optim import galore_adamw
       >>> opt = optax.inject_hyperparams(galore_adamw, static_args=("rank",))(
       ...     learning_rate=optax.linear_schedule(0.0, 1e-3, 100), rank=8)
       >>> params = {"w": jnp.zeros((32, 64))}

@@ -55,7 +55,7 @@ its update is 0 (weight decay included). :func:`adaptive_spike_clip` and
 unchanged (the rest of the chain decides).
 
 Low-bit states: ``state_bits=8`` or ``4`` stores Adam's moments with
-:func:`effjax.optim.quantize_state.quantize_state` (``m`` signed map, ``v`` unsigned map); the
+:func:`effjax.optim.quantize_state` (``m`` signed map, ``v`` unsigned map); the
 per-tensor statistics (float32 scalars) and counters are never quantized.
 """
 
@@ -75,13 +75,13 @@ from effjax.optim._checks import (
     check_state_bits,
     is_number,
 )
-from effjax.optim.spam import (
-    _Decay,
-    _decay,
-    _finite,
-    _leaves_like,
-    _maybe_quantize,
-    _zero_nonfinite_updates,
+from effjax.optim._spike_utils import (
+    Decay,
+    decay,
+    finite,
+    leaves_like,
+    maybe_quantize,
+    zero_nonfinite_updates,
 )
 
 __all__ = [
@@ -139,7 +139,7 @@ def _scalars(params):
     return jax.tree.map(lambda _: jnp.zeros([], jnp.float32), params)
 
 
-def _ada_clip(g, m_max, k, theta: _Decay):
+def _ada_clip(g, m_max, k, theta: Decay):
     """AdaClip on one tensor (``g`` finite, float32); returns ``(g, m_max)``."""
     gmax = jnp.max(jnp.abs(g)) if g.size else jnp.zeros([], g.dtype)
     m_max = theta.d * m_max + theta.one_minus * gmax
@@ -149,7 +149,7 @@ def _ada_clip(g, m_max, k, theta: _Decay):
     return jnp.where(spike, g / safe_max * hat, g), m_max
 
 
-def _ada_gn(g, m_norm, v_norm, k, g1: _Decay, g2: _Decay, eps):
+def _ada_gn(g, m_norm, v_norm, k, g1: Decay, g2: Decay, eps):
     """AdaGN on one tensor (``g`` finite, float32); returns ``(g, m_norm, v_norm)``."""
     norm = jnp.sqrt(jnp.sum(g * g))
     m_norm = g1.d * m_norm + g1.one_minus * norm
@@ -159,12 +159,12 @@ def _ada_gn(g, m_norm, v_norm, k, g1: _Decay, g2: _Decay, eps):
     return jnp.where(norm > 0, g / safe_norm * c, g), m_norm, v_norm
 
 
-def _cosine(t, total_steps, eta_min) -> _Decay:
-    """The official cosine factor ``s_t`` as a :class:`_Decay`, with ``1 - s_t`` computed as
+def _cosine(t, total_steps, eta_min) -> Decay:
+    """The official cosine factor ``s_t`` as a :class:`Decay`, with ``1 - s_t`` computed as
     ``(1 - eta_min) sin^2(pi t / (2 (T+1)))`` (no cancellation)."""
     eta = jnp.asarray(eta_min, jnp.float32)
     one_minus = (1.0 - eta) * jnp.sin(jnp.pi * t / (2.0 * (total_steps + 1.0))) ** 2
-    return _Decay(1.0 - one_minus, one_minus, jnp.log1p(-one_minus))
+    return Decay(1.0 - one_minus, one_minus, jnp.log1p(-one_minus))
 
 
 def cosine_momentum_scale(total_steps: int, eta_min: float = 0.5) -> optax.Schedule:
@@ -176,7 +176,7 @@ def cosine_momentum_scale(total_steps: int, eta_min: float = 0.5) -> optax.Sched
     ``gamma1`` of :func:`adaptive_grad_norm`: ``gamma1=lambda n: 0.7 * s(n)``.
 
     Example:
-      >>> from effjax.optim.stable_spam import cosine_momentum_scale
+      >>> from effjax.optim import cosine_momentum_scale
       >>> s = cosine_momentum_scale(total_steps=99, eta_min=0.5)
       >>> round(float(s(49)), 4), round(float(s(99)), 4)  # t = 50 (midway), t = T+1 = 100
       (0.75, 0.5)
@@ -189,7 +189,7 @@ def cosine_momentum_scale(total_steps: int, eta_min: float = 0.5) -> optax.Sched
 def _per_leaf(fn, where, updates, *trees, shapes=True):
     """Apply ``fn(g, *leaves) -> tuple`` per leaf; returns one tree per output. The first tree
     is checked against ``updates`` (structure, and with ``shapes`` the leaves' shapes)."""
-    leaves, treedef, first = _leaves_like(updates, trees[0], where, shapes=shapes)
+    leaves, treedef, first = leaves_like(updates, trees[0], where, shapes=shapes)
     out = [fn(*x) for x in zip(leaves, first, *(treedef.flatten_up_to(t) for t in trees[1:]),
                                strict=True)]
     n = len(out[0]) if out else len(trees) + 1
@@ -197,13 +197,13 @@ def _per_leaf(fn, where, updates, *trees, shapes=True):
 
 
 def _f32(g):
-    return _finite(g).astype(jnp.promote_types(g.dtype, jnp.float32))
+    return finite(g).astype(jnp.promote_types(g.dtype, jnp.float32))
 
 
 # The separate transformations ----------------------------------------------------------------
 
 def adaptive_spike_clip(theta: float = 0.999) -> optax.GradientTransformation:
-    """AdaClip: rescale the entries above an EMA of the historical max |g| (per tensor).
+    """AdaClip: rescale the entries above an EMA of the historical max ``|g|`` (per tensor).
 
     ``M_t = theta M_{t-1} + (1-theta) max|g_t|``, ``M^_t = M_t / (1 - theta^t)``; entries with
     ``|g_i| > M^_t`` become ``g_i / max|g_t| * M^_t`` (the largest lands exactly on ``M^_t``;
@@ -219,7 +219,7 @@ def adaptive_spike_clip(theta: float = 0.999) -> optax.GradientTransformation:
 
     Example:
       >>> import jax.numpy as jnp
-      >>> from effjax.optim.stable_spam import adaptive_spike_clip
+      >>> from effjax.optim import adaptive_spike_clip
       >>> tx = adaptive_spike_clip(theta=0.5)
       >>> state = tx.init({"w": jnp.zeros(3)})
       >>> u, state = tx.update({"w": jnp.array([1.0, 2.0, -1.0])}, state)  # M^ = 2: no clip
@@ -236,7 +236,7 @@ def adaptive_spike_clip(theta: float = 0.999) -> optax.GradientTransformation:
     def update_fn(updates, state, params=None):
         del params
         k = optax.safe_increment(state.count)
-        th = _decay(theta)
+        th = decay(theta)
 
         def leaf(g_in, m_max):
             g, m_max = _ada_clip(_f32(g_in), m_max, k.astype(jnp.float32), th)
@@ -268,7 +268,7 @@ def adaptive_grad_norm(gamma1: optax.ScalarOrSchedule = 0.7, gamma2: float = 0.9
 
     Example:
       >>> import jax.numpy as jnp
-      >>> from effjax.optim.stable_spam import adaptive_grad_norm
+      >>> from effjax.optim import adaptive_grad_norm
       >>> tx = adaptive_grad_norm(gamma1=0.7, gamma2=0.9)
       >>> state = tx.init({"w": jnp.zeros(2)})
       >>> u, state = tx.update({"w": jnp.array([3.0, 4.0])}, state)  # step 1: norm -> ~1
@@ -289,8 +289,8 @@ def adaptive_grad_norm(gamma1: optax.ScalarOrSchedule = 0.7, gamma2: float = 0.9
     def update_fn(updates, state, params=None):
         del params
         k = optax.safe_increment(state.count)
-        g1 = _decay(gamma1(state.count) if callable(gamma1) else gamma1)
-        g2 = _decay(gamma2)
+        g1 = decay(gamma1(state.count) if callable(gamma1) else gamma1)
+        g2 = decay(gamma2)
 
         def leaf(g_in, m_norm, v_norm):
             g, m_norm, v_norm = _ada_gn(_f32(g_in), m_norm, v_norm, k.astype(jnp.float32), g1,
@@ -331,7 +331,7 @@ def momentum_reset(inner: optax.GradientTransformation, interval: int, *,
 
     Example:
       >>> import jax.numpy as jnp, optax
-      >>> from effjax.optim.stable_spam import momentum_reset
+      >>> from effjax.optim import momentum_reset
       >>> tx = momentum_reset(optax.scale_by_adam(), interval=2)
       >>> state = tx.init({"w": jnp.zeros(3)})
       >>> g = {"w": jnp.ones(3)}
@@ -417,7 +417,7 @@ def scale_by_stable_spam(
 
     Example:
       >>> import jax.numpy as jnp
-      >>> from effjax.optim.stable_spam import scale_by_stable_spam
+      >>> from effjax.optim import scale_by_stable_spam
       >>> tx = scale_by_stable_spam(reset_interval=2)
       >>> state = tx.init({"w": jnp.zeros(2)})
       >>> u, state = tx.update({"w": jnp.array([3.0, -4.0])}, state)
@@ -441,7 +441,7 @@ def scale_by_stable_spam(
         del params
         t = optax.safe_increment(state.count)
         k = optax.safe_increment(state.step)
-        d1, dg1, d2, dg2, th = (_decay(x) for x in (b1, gamma1, b2, gamma2, theta))
+        d1, dg1, d2, dg2, th = (decay(x) for x in (b1, gamma1, b2, gamma2, theta))
         if total_steps is not None:
             s = _cosine(t.astype(jnp.float32), total_steps, eta_min)
             d1, dg1 = d1.scaled(s), dg1.scaled(s)
@@ -503,7 +503,7 @@ def stable_spam(
 
     Example:
       >>> import jax.numpy as jnp, optax
-      >>> from effjax.optim.stable_spam import stable_spam, STABLE_SPAM_BF16
+      >>> from effjax.optim import stable_spam, STABLE_SPAM_BF16
       >>> opt = stable_spam(1e-3, **STABLE_SPAM_BF16)
       >>> params = {"w": jnp.ones((4, 3))}
       >>> state = opt.init(params)
@@ -514,12 +514,12 @@ def stable_spam(
     """
     check_range("stable_spam", "weight_decay", weight_decay, 0.0)
     check_state_bits("stable_spam", state_bits)
-    core = _maybe_quantize(scale_by_stable_spam(b1, b2, eps, gamma1, gamma2, theta,
+    core = maybe_quantize(scale_by_stable_spam(b1, b2, eps, gamma1, gamma2, theta,
                                                 reset_interval, total_steps, eta_min),
                            state_bits)
     parts = [core]
     if not (is_number(weight_decay) and weight_decay == 0):
         parts.append(optax.add_decayed_weights(weight_decay, mask))
     parts.append(optax.scale_by_learning_rate(learning_rate))
-    return _zero_nonfinite_updates(optax.chain(*parts))
+    return zero_nonfinite_updates(optax.chain(*parts))
 

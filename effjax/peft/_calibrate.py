@@ -38,7 +38,6 @@ intercepted this way; stacked (scanned) kernels are not supported by :func:`cali
 from __future__ import annotations
 
 import contextlib
-import difflib
 import functools
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -47,6 +46,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from effjax.peft.rules import compile_rules
+from effjax.selection import assign_rules, closest_paths, selector
 
 __all__ = ["InputStats", "input_stats", "calibrate"]
 
@@ -256,8 +258,7 @@ def _nnx_record(model: Any, record: Callable):
 # --- target selection --------------------------------------------------------------------------
 
 def _close(name: str, paths: Sequence[str]) -> str:
-    close = difflib.get_close_matches(name, list(paths), n=5, cutoff=0.0) or list(paths)[:5]
-    return ", ".join(f"'{p}'" for p in close)
+    return ", ".join(f"'{p}'" for p in closest_paths(name, list(paths)))
 
 
 def _select(targets: Any, found: Sequence[str], kind: str) -> list[str]:
@@ -268,20 +269,14 @@ def _select(targets: Any, found: Sequence[str], kind: str) -> list[str]:
     if targets is None:
         return list(found)
     if isinstance(targets, Mapping):
-        from effjax.peft.rules import compile_rules
-
         rules = compile_rules(targets)
-        chosen, used = [], set()
-        for p in found:
-            for i, r in enumerate(rules):
-                if r.regex.fullmatch(p):
-                    if r.method is not None and getattr(r.method, "calibration", None) == "inputs":
-                        chosen.append(p)
-                        used.add(i)
-                    break
+        choice = assign_rules(found, rules, check=False)
+        wants = [r.method is not None and getattr(r.method, "calibration", None) == "inputs"
+                 for r in rules]
+        chosen = [p for p, c in zip(found, choice) if c is not None and wants[c]]
+        used = {c for c in choice if c is not None}
         for i, r in enumerate(rules):
-            if (r.method is not None and getattr(r.method, "calibration", None) == "inputs"
-                    and i not in used):
+            if wants[i] and i not in used:
                 raise ValueError(f"rule '{r.pattern}' ({r.method.name}) needs input statistics "
                                  f"but matches none of {what}; closest: "
                                  f"{_close(r.pattern, found)}")
@@ -293,11 +288,8 @@ def _select(targets: Any, found: Sequence[str], kind: str) -> list[str]:
                         f"rules mapping {{regex: method}}, got {type(targets).__name__}")
     chosen = set()
     for t in targets:
-        try:
-            rx = re.compile(t)
-        except re.error as e:
-            raise ValueError(f"target '{t}' is not a valid regex: {e}") from None
-        hits = [p for p in found if rx.fullmatch(p)]
+        sel = selector(t)
+        hits = [p for p in found if sel(p, None)]
         if not hits:
             raise ValueError(f"target '{t}' is not the kernel of an intercepted layer: it matches "
                              f"none of {what} called by the forward pass; closest: "

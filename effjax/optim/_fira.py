@@ -40,7 +40,7 @@ Constraint?", 2024 (arXiv:2410.01623).
 
 Example:
   >>> import jax, jax.numpy as jnp, optax
-  >>> from effjax.optim.fira import fira_adamw
+  >>> from effjax.optim import fira_adamw
   >>> params = {"w": jnp.zeros((64, 32)), "b": jnp.zeros((32,))}
   >>> opt = fira_adamw(1e-3, rank=8)
   >>> state = opt.init(params)
@@ -52,27 +52,20 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import numpy as np
 import optax
 
-from effjax.optim.galore import adam_bias_correction, low_rank_transform, scale_by_adam_uncorrected
+from effjax.optim._galore import (
+    FiraState,
+    adam_bias_correction,
+    low_rank_transform,
+    scale_by_adam_uncorrected,
+)
 
 __all__ = ["FiraState", "fira", "fira_adamw"]
-
-
-class FiraState(NamedTuple):
-    """State of :func:`fira`: :class:`~effjax.optim.galore.GaLoreState`'s fields plus
-    ``residual_norm``, per projected leaf the float32 norm of the last limited residual
-    (shape: the leaf's stack axes, ``()`` for a matrix)."""
-
-    count: jax.Array
-    left: Any
-    right: Any
-    residual_norm: Any
-    inner_state: optax.OptState
 
 
 def _check_gamma(gamma):
@@ -101,7 +94,7 @@ def fira(
       inner: optimizer on the low-rank gradients (default ``optax.scale_by_adam()``); keep
         learning rates out of it (see the module docstring).
       rank, update_proj_gap, scale, proj_type, projection_mask, stacked, row_axes: as in
-        :func:`effjax.optim.galore.galore`.
+        :func:`effjax.optim.galore`.
       gamma: the norm-growth limit ``||S_t|| <= gamma ||S_{t-1}||`` (paper and official: 1.01);
         ``None`` turns the limiter off.
 
@@ -110,7 +103,7 @@ def fira(
 
     Example:
       >>> import jax, jax.numpy as jnp, optax
-      >>> from effjax.optim.fira import fira
+      >>> from effjax.optim import fira
       >>> opt = optax.chain(fira(rank=4), optax.scale_by_learning_rate(1e-2))
       >>> params = {"w": jnp.zeros((16, 32))}
       >>> state = opt.init(params)
@@ -153,7 +146,7 @@ def fira_adamw(
 
     Example:
       >>> import jax.numpy as jnp
-      >>> from effjax.optim.fira import fira_adamw
+      >>> from effjax.optim import fira_adamw
       >>> opt = fira_adamw(1e-3, rank=8, update_proj_gap=50)
       >>> state = opt.init({"w": jnp.zeros((32, 64))})
       >>> state[0].inner_state.nu["w"].shape

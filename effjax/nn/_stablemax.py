@@ -48,7 +48,7 @@ def log_s(x):
 
     Example:
       >>> import jax.numpy as jnp
-      >>> from effjax.nn.stablemax import log_s
+      >>> from effjax.nn import log_s
       >>> jnp.exp(log_s(jnp.array([-3.0, 0.0, 3.0])))  # s = 1/4, 1, 4
       Array([0.25, 1.  , 4.  ], dtype=float32)
     """
@@ -62,7 +62,7 @@ def log_stablemax(logits, axis: int = -1):
 
     Example:
       >>> import jax.numpy as jnp, numpy as np
-      >>> from effjax.nn.stablemax import log_stablemax
+      >>> from effjax.nn import log_stablemax
       >>> np.exp(np.asarray(log_stablemax(jnp.array([0.0, 1.0, 2.0])))).round(4)  # s = 1, 2, 3
       array([0.1667, 0.3333, 0.5   ], dtype=float32)
     """
@@ -71,13 +71,13 @@ def log_stablemax(logits, axis: int = -1):
 
 
 def stablemax(logits, axis: int = -1):
-    """``StableMax(x)_i = s(x_i) / sum_j s(x_j)`` along ``axis`` (Prieto et al. 2025, Sec. 4).
+    """``StableMax(x)_i = s(x_i) / sum_j s(x_j)`` along ``axis`` (Prieto et al. 2025, Section 4).
 
     Non-negative, sums to 1 along ``axis``, keeps the order of the logits. Float32 or wider.
 
     Example:
       >>> import jax.numpy as jnp, numpy as np
-      >>> from effjax.nn.stablemax import stablemax
+      >>> from effjax.nn import stablemax
       >>> np.asarray(stablemax(jnp.array([-1.0, 0.0, 1.0])) * 7).round(4)  # s = 1/2, 1, 2
       array([1., 2., 4.], dtype=float32)
     """
@@ -101,7 +101,7 @@ def stablemax_cross_entropy(logits, labels, axis: int = -1):
 
     Example:
       >>> import jax.numpy as jnp
-      >>> from effjax.nn.stablemax import stablemax_cross_entropy
+      >>> from effjax.nn import stablemax_cross_entropy
       >>> logits = jnp.array([[0.0, 1.0, 2.0], [1e30, 0.0, -1e30]])
       >>> stablemax_cross_entropy(logits, jnp.array([2, 0]))  # -log(3/6), -log(1 - ~1e-30)
       Array([0.6931472, 0.       ], dtype=float32)

@@ -40,7 +40,7 @@ def project_out_param_direction(g, w, *, renormalize: bool = True):
 
     Example:
       >>> import jax.numpy as jnp
-      >>> from effjax.optim.perp_grad import project_out_param_direction
+      >>> from effjax.optim import project_out_param_direction
       >>> project_out_param_direction(jnp.array([1.0, 1.0]), jnp.array([1.0, 0.0]),
       ...                             renormalize=False)
       Array([0., 1.], dtype=float32)
@@ -76,7 +76,7 @@ def perp_grad(*, renormalize: bool = True) -> optax.GradientTransformation:
 
     Example:
       >>> import jax.numpy as jnp, numpy as np, optax
-      >>> from effjax.optim.perp_grad import perp_grad
+      >>> from effjax.optim import perp_grad
       >>> opt = optax.chain(perp_grad(), optax.adamw(1e-3, weight_decay=0.0))
       >>> params = {"w": jnp.array([[3.0, 4.0]])}
       >>> state = opt.init(params)

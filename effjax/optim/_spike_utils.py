@@ -1,0 +1,82 @@
+"""Helpers shared by SPAM and Stable-SPAM: EMA decays, leaf checks, non-finite rules."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from effjax.optim._checks import is_number
+from effjax.optim._quantize_state import quantize_state
+
+__all__ = ["Decay", "decay", "leaves_like", "finite", "zero_nonfinite_updates", "maybe_quantize"]
+
+
+class Decay(NamedTuple):
+    """An EMA decay ``d`` as float32 ``(d, 1 - d, log d)``."""
+
+    d: jax.Array
+    one_minus: jax.Array
+    log: jax.Array
+
+    def bias_correction(self, t):
+        """``1 - d**t`` computed as ``-expm1(t log d)`` (accurate for d near 1)."""
+        return -jnp.expm1(t * self.log)
+
+    def scaled(self, s: Decay) -> Decay:
+        """The decay ``d * s``: ``1 - d s = (1 - d) + d (1 - s)``, ``log(d s) = log d + log s``."""
+        return Decay(self.d * s.d, self.one_minus + self.d * s.one_minus, self.log + s.log)
+
+
+def decay(d) -> Decay:
+    """``1 - d`` and ``log d`` in float64 when ``d`` is a Python number (``1 - 0.99999`` in
+    float32 would be off by 1e-3 relative); in float32 when it is an (injected) array."""
+    if is_number(d):
+        log = math.log(d) if d > 0 else -math.inf
+        return Decay(*(jnp.asarray(v, jnp.float32) for v in (d, 1.0 - d, log)))
+    d = jnp.asarray(d, jnp.float32)
+    return Decay(d, 1.0 - d, jnp.log(d))
+
+
+def leaves_like(updates, tree, where: str, *, shapes: bool = True):
+    """``(update leaves, treedef, tree's leaves)``; ``ValueError`` if the structure (and with
+    ``shapes``, a leaf's shape, naming it) differs from the state's (the params given to init)."""
+    with_path, treedef = jax.tree_util.tree_flatten_with_path(updates)
+    try:
+        like = treedef.flatten_up_to(tree)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{where}: the updates' tree structure differs from the parameters' "
+                         f"given to init: {e}") from None
+    for (path, g), m in zip(with_path, like, strict=True):
+        if shapes and jnp.shape(g) != jnp.shape(m):
+            raise ValueError(f"{where}: update {jax.tree_util.keystr(path) or '<root>'} has "
+                             f"shape {jnp.shape(g)}, but init saw shape {jnp.shape(m)}")
+    return [g for _, g in with_path], treedef, like
+
+
+def finite(g):
+    return jnp.where(jnp.isfinite(g), g, jnp.zeros_like(g))
+
+
+def zero_nonfinite_updates(inner: optax.GradientTransformation):
+    """Wrap ``inner``: the update of an element whose gradient is non-finite is exactly 0."""
+    inner = optax.with_extra_args_support(inner)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        new_updates, state = inner.update(updates, state, params, **extra_args)
+        new_updates = jax.tree.map(lambda g, u: jnp.where(jnp.isfinite(g), u, jnp.zeros_like(u)),
+                                   updates, new_updates)
+        return new_updates, state
+
+    return optax.GradientTransformationExtraArgs(inner.init, update_fn)
+
+
+def maybe_quantize(inner, state_bits):
+    """Store the moments in ``state_bits`` bits: ``nu`` (non-negative) on the unsigned map,
+    everything else (``mu``) signed; scalars and counters are never quantized."""
+    if state_bits is None:
+        return inner
+    return quantize_state(inner, bits=state_bits, unsigned_fields="nu")
