@@ -17,8 +17,10 @@ turns the tree back into dense params for any model code.
 * Tree functions: :func:`inject`, :func:`materialize`, :func:`merge`, :func:`trainable_mask`,
   :func:`split` / :func:`combine`, :func:`summary`.
 * I/O: :func:`save_adapters` / :func:`load_adapters` (orbax; trainable arrays + configs only).
-* Interface for new methods: :class:`AdapterMethod`, :class:`AdapterNode`,
-  :func:`adapter_node` (see :mod:`effjax.peft.base`), :class:`KernelLayout`.
+* Interface for new methods (see :mod:`effjax.peft.base`): :class:`AdapterMethod` and
+  :class:`KernelAdapter` (configs, with the shared ``dtype`` / axes fields), :class:`AdapterNode`
+  and :func:`adapter_node` (nodes), :func:`register_adapter` (the stable name checkpoints
+  store), :class:`KernelLayout`.
 
 Example:
   >>> import jax, jax.numpy as jnp
@@ -37,10 +39,13 @@ from effjax.peft._calibrate import InputStats, calibrate, input_stats
 from effjax.peft.base import (
     AdapterMethod,
     AdapterNode,
+    KernelAdapter,
     adapter_node,
     is_adapter,
     method_from_config,
     method_to_config,
+    register_adapter,
+    registered_adapters,
 )
 from effjax.peft.corda import CorDA, corda_decompose
 from effjax.peft.dora import DoRA, DoRAWeight
@@ -94,6 +99,7 @@ __all__ = [
     "calibrate", "input_stats", "InputStats", "gradient_calibration",
     "inject", "materialize", "merge", "trainable_mask", "split", "combine", "summary", "Summary",
     "adapter_paths", "leaf_key", "save_adapters", "load_adapters", "read_adapter_config",
-    "AdapterMethod", "AdapterNode", "adapter_node", "is_adapter", "method_to_config",
-    "method_from_config", "KernelLayout", "Rule", "compile_rules", "assign_rules",
+    "AdapterMethod", "KernelAdapter", "AdapterNode", "adapter_node", "is_adapter",
+    "register_adapter", "registered_adapters", "method_to_config", "method_from_config",
+    "KernelLayout", "Rule", "compile_rules", "assign_rules",
 ]

@@ -59,18 +59,16 @@ References:
 from __future__ import annotations
 
 import dataclasses
-import math
-from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from effjax.peft._calibrate import InputStats
-from effjax.peft.base import AdapterMethod
-from effjax.peft.layout import KernelAxesConfig, KernelLayout, place_like
-from effjax.peft.lora import LoRAWeight
+from effjax.peft._checks import check_number
+from effjax.peft.base import register_adapter
+from effjax.peft.layout import KernelLayout, place_like
+from effjax.peft.lora import LoRAWeight, ScaledRank
 
 __all__ = ["CorDA", "corda_decompose"]
 
@@ -138,8 +136,9 @@ def corda_decompose(m: jax.Array, cov: jax.Array):
     return jnp.swapaxes(ut, -1, -2), s, v, damp
 
 
+@register_adapter("corda")
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class CorDA(KernelAxesConfig, AdapterMethod):
+class CorDA(ScaledRank):
     """CorDA method config (a rule value of :func:`effjax.peft.inject`; needs calibration data).
 
     :math:`W' = W_{res} + s\\,AB` with :math:`A, B` from the :math:`r` largest (IPA) or smallest
@@ -171,44 +170,16 @@ class CorDA(KernelAxesConfig, AdapterMethod):
 
     calibration: ClassVar[str] = "inputs"
 
-    rank: int = 8
-    alpha: float = 8.0
     mode: str = "ipa"
-    rslora: bool = False
-    dtype: Any = None
-    in_axes: int | tuple[int, ...] | None = None
-    out_axes: int | tuple[int, ...] | None = None
-    batch_axes: int | tuple[int, ...] = ()
 
     def __post_init__(self):
-        if isinstance(self.rank, bool) or not isinstance(self.rank, (int, np.integer)):
-            raise TypeError(f"CorDA rank must be an int, got {self.rank!r}")
-        if self.rank < 1:
-            raise ValueError(f"CorDA rank must be >= 1, got {self.rank}")
-        object.__setattr__(self, "rank", int(self.rank))
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float, np.number)):
-            raise TypeError(f"CorDA alpha must be a number, got {self.alpha!r}")
-        if not (math.isfinite(self.alpha) and self.alpha > 0):
-            raise ValueError(f"CorDA alpha must be finite and > 0 (the singular values are "
-                             f"divided by alpha / r), got {self.alpha}")
-        object.__setattr__(self, "alpha", float(self.alpha))
+        super().__post_init__()
+        # alpha > 0: the singular values are divided by the scale alpha / r
+        check_number(self.alpha, "alpha", self.name, positive=True)
         if self.mode not in _MODES:
             raise ValueError(f"CorDA mode must be 'ipa' or 'kpa' (PEFT's 'ipm' / 'kpm'), got "
                              f"{self.mode!r}")
-        object.__setattr__(self, "mode", _MODES[self.mode])
-        if not isinstance(self.rslora, bool):
-            raise TypeError(f"CorDA rslora must be a bool, got {self.rslora!r}")
-        self._normalize_dtype_and_axes("CorDA")
-
-    @property
-    def scale(self) -> float:
-        """:math:`s = \\alpha / r`, or :math:`\\alpha / \\sqrt r` with rsLoRA."""
-        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
-
-    def num_trainable(self, shape: Sequence[int]) -> int:
-        """:math:`n_{batch}\\, r\\,(n_{in} + n_{out})`."""
-        lay = self.layout(shape)
-        return lay.n_batch * self.rank * (lay.n_in + lay.n_out)
+        self._set(mode=_MODES[self.mode])
 
     def _covariance(self, data: Any, lay: KernelLayout) -> jax.Array:
         if not all(hasattr(data, f) for f in ("gram", "sum", "count")):
@@ -245,9 +216,6 @@ class CorDA(KernelAxesConfig, AdapterMethod):
         """``a``, ``b`` from the chosen components and ``w`` replaced by the residual
         (``data``: this leaf's :class:`~effjax.peft.InputStats`)."""
         del key
-        w = jnp.asarray(w) if not isinstance(w, jax.Array) else w
-        if not jnp.issubdtype(w.dtype, jnp.floating):
-            raise TypeError(f"CorDA needs a floating kernel, got dtype {w.dtype}")
         lay = self.layout(w.shape)
         r, s = self.rank, self.scale
         if r > min(lay.n_in, lay.n_out):

@@ -28,7 +28,7 @@ forward value is the same either way. ``detach_norm=False`` differentiates throu
 PEFT computes the layer output as
 ``base(x) + (m/n - 1) * x @ W.T + (m/n) * s * lora_B(lora_A(x))``, which is
 :math:`x\\,W'` with :math:`W'` above (up to float reassociation); :meth:`DoRAWeight.materialize`
-and :meth:`DoRAWeight.merge` build :math:`W'` densely, which is also PEFT's merged weight
+(and so :func:`effjax.peft.merge`) builds :math:`W'` densely, which is also PEFT's merged weight
 (``merge_and_unload``). A zero output column of :math:`V` (so :math:`\\lVert V\\rVert_c = 0`)
 gives a zero column in effjax (the norm is replaced by 1 there) where PEFT gives NaN.
 
@@ -50,25 +50,27 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from effjax.peft.base import AdapterMethod, AdapterNode, adapter_node
+from effjax.peft._checks import check_bool
+from effjax.peft.base import AdapterNode, adapter_node, register_adapter
 from effjax.peft.layout import KernelLayout, place_like
 from effjax.peft.lora import LoRA
 
 __all__ = ["DoRA", "DoRAWeight"]
 
 
+@register_adapter("dora")
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class DoRA(AdapterMethod):
+class DoRA(LoRA):
     """DoRA method config (a rule value of :func:`effjax.peft.inject`).
 
     :math:`W' = m \\odot (W + s\\,AB) / \\lVert W + s\\,AB \\rVert_c` (column norms over the input
     dimension); trainable parameters :math:`n_{batch}\\,(r\\,(n_{in} + n_{out}) + n_{out})`.
-    See the module docstring for the equation, the gradients and references.
+    See the module docstring for the equation, the gradients and references. A DoRA config is
+    a :class:`~effjax.peft.LoRA` config (its fields, checks and scale) with ``detach_norm``.
 
     Attributes:
       rank, alpha, init, rslora, dtype, in_axes, out_axes, batch_axes: as in
@@ -88,41 +90,17 @@ class DoRA(AdapterMethod):
       6
     """
 
-    rank: int = 8
-    alpha: float = 8.0
-    init: str = "kaiming"
-    rslora: bool = False
-    dtype: Any = None
-    in_axes: int | tuple[int, ...] | None = None
-    out_axes: int | tuple[int, ...] | None = None
-    batch_axes: int | tuple[int, ...] = ()
     detach_norm: bool = True
 
     def __post_init__(self):
-        try:
-            lora = self.lora
-        except (TypeError, ValueError) as e:
-            raise type(e)(f"DoRA: {e}") from None
-        for f in ("rank", "alpha", "dtype", "in_axes", "out_axes", "batch_axes"):
-            object.__setattr__(self, f, getattr(lora, f))
-        if not isinstance(self.detach_norm, bool):
-            raise TypeError(f"DoRA detach_norm must be a bool, got {self.detach_norm!r}")
+        super().__post_init__()
+        check_bool(self.detach_norm, "detach_norm", self.name)
 
     @property
     def lora(self) -> LoRA:
         """The :class:`~effjax.peft.LoRA` config of the low-rank part."""
-        return LoRA(rank=self.rank, alpha=self.alpha, init=self.init, rslora=self.rslora,
-                    dtype=self.dtype, in_axes=self.in_axes, out_axes=self.out_axes,
-                    batch_axes=self.batch_axes)
-
-    @property
-    def scale(self) -> float:
-        """:math:`s = \\alpha / r`, or :math:`\\alpha / \\sqrt r` with rsLoRA."""
-        return self.lora.scale
-
-    def layout(self, shape: Sequence[int]) -> KernelLayout:
-        """The kernel layout this config gives a weight of ``shape``."""
-        return self.lora.layout(shape)
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(LoRA)}
+        return LoRA(**fields)
 
     def num_trainable(self, shape: Sequence[int]) -> int:
         """:math:`n_{batch}\\,(r\\,(n_{in} + n_{out}) + n_{out})`."""
@@ -133,10 +111,7 @@ class DoRA(AdapterMethod):
         """LoRA's ``a``, ``b`` (and residual ``w`` for PiSSA / OLoRA) and
         :math:`m = \\lVert W + s\\,AB \\rVert_c` (``(*batch, *out)``, sharded like ``w``'s
         batch and out axes)."""
-        try:
-            node = self.lora.adapt(key, w)
-        except (TypeError, ValueError) as e:
-            raise type(e)(f"DoRA: {e}") from None
+        node = LoRA.adapt(self, key, w)
         lay = node.layout
         m = _column_norm(node.w, node.a, node.b, lay, self.scale)
         m = m.astype(node.a.dtype).reshape(lay.batch_shape + lay.out_shape)

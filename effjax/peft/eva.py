@@ -55,9 +55,8 @@ References:
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import jax
@@ -65,9 +64,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from effjax.peft._calibrate import InputStats
-from effjax.peft.base import AdapterMethod
-from effjax.peft.layout import KernelAxesConfig, place_like
-from effjax.peft.lora import LoRAWeight
+from effjax.peft._checks import check_bool
+from effjax.peft.base import AdapterMethod, register_adapter
+from effjax.peft.layout import place_like
+from effjax.peft.lora import LoRAWeight, ScaledRank
 from effjax.peft.rules import compile_rules
 
 __all__ = ["EVA", "eva_components", "eva_rules"]
@@ -120,8 +120,9 @@ def eva_components(stats: InputStats, k: int) -> tuple[jax.Array, jax.Array, jax
     return vec, lam / total, jnp.sqrt(lam)
 
 
+@register_adapter("eva")
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class EVA(KernelAxesConfig, AdapterMethod):
+class EVA(ScaledRank):
     """EVA method config (a rule value of :func:`effjax.peft.inject`; needs calibration data).
 
     :math:`W' = W + s\\,AB` with :math:`A` the top-:math:`r` principal directions of the
@@ -155,52 +156,19 @@ class EVA(KernelAxesConfig, AdapterMethod):
 
     calibration: ClassVar[str] = "inputs"
 
-    rank: int = 8
-    alpha: float = 8.0
-    rslora: bool = False
     whiten: bool = False
-    dtype: Any = None
-    in_axes: int | tuple[int, ...] | None = None
-    out_axes: int | tuple[int, ...] | None = None
-    batch_axes: int | tuple[int, ...] = ()
 
     def __post_init__(self):
-        if isinstance(self.rank, bool) or not isinstance(self.rank, (int, np.integer)):
-            raise TypeError(f"EVA rank must be an int, got {self.rank!r}")
-        if self.rank < 1:
-            raise ValueError(f"EVA rank must be >= 1, got {self.rank} (eva_rules drops leaves "
-                             f"whose redistributed rank is 0)")
-        object.__setattr__(self, "rank", int(self.rank))
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float, np.number)):
-            raise TypeError(f"EVA alpha must be a number, got {self.alpha!r}")
-        if not math.isfinite(self.alpha):
-            raise ValueError(f"EVA alpha must be finite, got {self.alpha}")
-        object.__setattr__(self, "alpha", float(self.alpha))
-        for name in ("rslora", "whiten"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"EVA {name} must be a bool, got {getattr(self, name)!r}")
-        self._normalize_dtype_and_axes("EVA")
+        super().__post_init__()
+        check_bool(self.whiten, "whiten", self.name)
         if self.batch_axes:
             raise ValueError(f"EVA does not support stacked kernels (batch_axes="
                              f"{self.batch_axes}): its ranks are chosen per leaf")
-
-    @property
-    def scale(self) -> float:
-        """:math:`s = \\alpha / r`, or :math:`\\alpha / \\sqrt r` with rsLoRA."""
-        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
-
-    def num_trainable(self, shape: Sequence[int]) -> int:
-        """:math:`r\\,(n_{in} + n_{out})`."""
-        lay = self.layout(shape)
-        return lay.n_batch * self.rank * (lay.n_in + lay.n_out)
 
     def adapt(self, key: jax.Array, w: jax.Array, data: Any = None) -> LoRAWeight:
         """``a`` = the top-``rank`` principal directions of the inputs (``data``: this leaf's
         :class:`~effjax.peft.InputStats`), ``b = 0``, ``w`` unchanged."""
         del key
-        w = jnp.asarray(w) if not isinstance(w, jax.Array) else w
-        if not jnp.issubdtype(w.dtype, jnp.floating):
-            raise TypeError(f"EVA needs a floating kernel, got dtype {w.dtype}")
         lay = self.layout(w.shape)
         if data is None:
             raise ValueError("EVA needs the layer's input statistics: inject(..., calibration="

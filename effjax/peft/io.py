@@ -5,8 +5,10 @@ A checkpoint directory written by :func:`save_adapters` holds two orbax items:
 * ``adapters``: the trainable fields of every adapter node, as a nested dict
   ``{path part: ... {field: array}}`` following the node's path (``'blocks/0/query/kernel'``
   -> ``['blocks']['0']['query']['kernel']['a']``). Frozen weights are not stored.
-* ``config``: JSON ``{"version": 1, "nodes": {path: {"class": ..., "fields": {...}}}}``, the
-  method config of each node (:func:`effjax.peft.base.method_to_config`).
+* ``config``: JSON ``{"version": 2, "nodes": {path: {"method": "lora", "fields": {...}}}}``,
+  the method config of each node under its registered name
+  (:func:`effjax.peft.base.method_to_config`). Version 1 checkpoints, which name the config's
+  class path (``{"class": "effjax.peft.lora.LoRA", ...}``), still load.
 
 :func:`load_adapters` re-injects the base params (from the stored configs, or from ``rules``
 checked against them) and fills in the stored arrays, restored with the shardings the fresh
@@ -25,11 +27,11 @@ import orbax.checkpoint as ocp
 
 from effjax.peft.base import is_adapter, method_from_config, method_to_config
 from effjax.peft.tree import adapter_paths, inject
-from effjax.selection import path_str
+from effjax.selection import closest_paths, path_str, tree_paths
 
 __all__ = ["save_adapters", "load_adapters", "read_adapter_config"]
 
-_VERSION = 1
+_VERSION = 2  # 1: configs stored by class path (still read); 2: by registered name
 
 
 def _nest(flat: dict[str, Any]) -> dict[str, Any]:
@@ -51,11 +53,20 @@ def _trainable_arrays(nodes: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
-def save_adapters(path: str | os.PathLike, tree: Any) -> None:
+def save_adapters(path: str | os.PathLike, tree: Any, *, overwrite: bool = False) -> None:
     """Write the trainable arrays and method configs of ``tree``'s adapter nodes to ``path``.
 
-    ``path`` (a directory) must not exist yet. Frozen weights (LoRA's ``w``) and untouched
-    leaves are not written, so the checkpoint is :math:`O(r\\,(n_{in}+n_{out}))` per kernel.
+    Frozen weights (LoRA's ``w``) and untouched leaves are not written, so the checkpoint is
+    :math:`O(r\\,(n_{in}+n_{out}))` per kernel.
+
+    Args:
+      path: the checkpoint directory to create.
+      tree: a param tree holding adapter nodes (from :func:`inject`).
+      overwrite: if ``path`` already exists, replace it (True) or raise (False, the default).
+
+    Raises:
+      FileExistsError: ``path`` exists and ``overwrite`` is False.
+      ValueError: ``tree`` holds no adapter nodes.
 
     Example:
       >>> import jax, jax.numpy as jnp, tempfile, os
@@ -64,6 +75,7 @@ def save_adapters(path: str | os.PathLike, tree: Any) -> None:
       >>> tree = inject(params, {r'.*kernel': LoRA(rank=2)}, key=jax.random.key(0))
       >>> d = os.path.join(tempfile.mkdtemp(), 'lora')
       >>> save_adapters(d, tree)
+      >>> save_adapters(d, tree, overwrite=True)  # the directory exists now
       >>> back = load_adapters(d, params)  # rules rebuilt from the stored configs
       >>> bool((back['dense']['kernel'].a == tree['dense']['kernel'].a).all())
       True
@@ -74,10 +86,14 @@ def save_adapters(path: str | os.PathLike, tree: Any) -> None:
     config = {"version": _VERSION,
               "nodes": {p: method_to_config(n.method) for p, n in nodes.items()}}
     arrays = _nest(_trainable_arrays(nodes))
+    path = os.fspath(os.path.abspath(path))
+    if os.path.lexists(path) and not overwrite:
+        raise FileExistsError(f"save_adapters: {path} already exists; pass overwrite=True to "
+                              "replace it")
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
-        ckpt.save(os.fspath(os.path.abspath(path)),
-                  args=ocp.args.Composite(adapters=ocp.args.StandardSave(arrays),
-                                          config=ocp.args.JsonSave(config)))
+        ckpt.save(path, args=ocp.args.Composite(adapters=ocp.args.StandardSave(arrays),
+                                                config=ocp.args.JsonSave(config)),
+                  force=overwrite)
 
 
 def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -86,6 +102,47 @@ def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
         out = ckpt.restore(os.fspath(os.path.abspath(path)),
                            args=ocp.args.Composite(config=ocp.args.JsonRestore()))
     return out["config"]
+
+
+def _stored_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    """``{'node/path/field': shape}`` of the stored arrays, from orbax's metadata (no restore)."""
+    handler = ocp.CompositeCheckpointHandler(adapters=ocp.StandardCheckpointHandler(),
+                                             config=ocp.JsonCheckpointHandler())
+    with ocp.Checkpointer(handler) as ckpt:
+        meta = ckpt.metadata(path).item_metadata["adapters"]
+    tree = getattr(meta, "tree", meta)
+    flat = jax.tree_util.tree_flatten_with_path(
+        tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+    return {"/".join(str(getattr(k, "key", k)) for k in kp): tuple(x.shape) for kp, x in flat}
+
+
+def _check_paths(path: str, stored: dict[str, Any], base_params: Any) -> dict[str, Any]:
+    """Every stored adapter path is a leaf of ``base_params`` (else name the closest ones)."""
+    paths, leaves, _ = tree_paths(base_params, is_leaf=is_adapter)
+    leaf_at = dict(zip(paths, leaves))
+    for p in stored:
+        if p not in leaf_at:
+            close = ", ".join(f"'{c}'" for c in closest_paths(re.escape(p), paths)) or "none"
+            raise ValueError(f"{path}: the saved adapter at '{p}' has no leaf in the param tree "
+                             f"({len(paths)} leaves); closest paths: {close}")
+    return leaf_at
+
+
+def _check_shapes(path: str, fresh: dict[str, Any], leaf_at: dict[str, Any]) -> None:
+    """The stored arrays have the shapes the rebuilt nodes expect (checked before restoring)."""
+    saved = _stored_shapes(path)
+    for p, x in fresh.items():
+        node_path, _, field = p.rpartition("/")
+        leaf_shape = tuple(getattr(leaf_at.get(node_path), "shape", ()))
+        if p not in saved:
+            raise ValueError(f"{path}: the checkpoint has no array for field '{field}' of the "
+                             f"adapter at '{node_path}'")
+        if saved[p] != tuple(x.shape):
+            raise ValueError(
+                f"{path}: the adapter at '{node_path}' does not fit the param tree: its saved "
+                f"'{field}' has shape {saved[p]}, but the tree's leaf '{node_path}' has shape "
+                f"{leaf_shape}, which needs '{field}' of shape {tuple(x.shape)} (were the "
+                "adapters saved for another model?)")
 
 
 def load_adapters(path: str | os.PathLike, base_params: Any, rules: Any = None, *,
@@ -107,14 +164,17 @@ def load_adapters(path: str | os.PathLike, base_params: Any, rules: Any = None, 
       The adapted tree, trainable fields restored with the shardings of the fresh nodes.
 
     Raises:
-      ValueError: the rules disagree with the stored configs, or a stored array's shape or
-        dtype differs from the rebuilt node's (the message names the path).
+      ValueError: a stored adapter path is not a leaf of ``base_params`` (the message lists
+        the closest paths), the rules disagree with the stored configs, or a stored array's
+        shape differs from the rebuilt node's (checked before restoring; the message names
+        the path and both shapes).
     """
     path = os.fspath(os.path.abspath(path))
     config = read_adapter_config(path)
-    if config.get("version") != _VERSION:
+    if config.get("version") not in (1, _VERSION):
         raise ValueError(f"{path}: unsupported adapter checkpoint version {config.get('version')}")
     stored = {p: method_from_config(c) for p, c in config["nodes"].items()}
+    leaf_at = _check_paths(path, stored, base_params)
     if rules is None:
         rules = {re.escape(p): m for p, m in stored.items()}
     key = jax.random.key(0) if key is None else key
@@ -129,6 +189,7 @@ def load_adapters(path: str | os.PathLike, base_params: Any, rules: Any = None, 
             raise ValueError(f"{path}: adapter at '{p}' was saved as {stored[p]} but the rules "
                              f"give {nodes[p].method}")
     fresh = _trainable_arrays(nodes)
+    _check_shapes(path, fresh, leaf_at)
     abstract = _nest({p: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
                       for p, x in fresh.items()})
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:

@@ -70,9 +70,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from effjax.peft._checks import adapter_dtype, as_float_kernel, check_alpha, check_rank
-from effjax.peft.base import AdapterMethod, AdapterNode, adapter_node
-from effjax.peft.layout import KernelAxesConfig, KernelLayout, place_like
+from effjax.peft._checks import check_alpha, check_rank
+from effjax.peft.base import AdapterNode, KernelAdapter, adapter_node, register_adapter
+from effjax.peft.layout import KernelLayout, place_like
 from effjax.peft.lora_xs import (
     place_factors,
     three_factor_delta,
@@ -85,8 +85,9 @@ _INITS = ("svd", "zeros")
 _ORDERS = ("largest_first", "smallest_first")
 
 
+@register_adapter("lamda")
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class LaMDA(KernelAxesConfig, AdapterMethod):
+class LaMDA(KernelAdapter):
     """LaMDA method config (a rule value of :func:`effjax.peft.inject`).
 
     :math:`W' = W + s\\,ASB` with PMA :math:`A = U_r` frozen, LDA :math:`S` and PMB
@@ -98,9 +99,8 @@ class LaMDA(KernelAxesConfig, AdapterMethod):
       alpha: None (:math:`s = 1`) or :math:`\\alpha` with :math:`s = \\alpha / r`.
       init: ``"svd"`` (:math:`S = \\Sigma_r / s`, ``w`` := :math:`W - s\\,ASB`) or ``"zeros"``
         (:math:`S = 0`, ``w`` kept).
-      dtype: dtype of ``a``, ``s``, ``b``. None: the kernel's dtype, except float32 for float16
-        and bfloat16 kernels.
-      in_axes, out_axes, batch_axes: the kernel's axes (see :mod:`effjax.peft.layout`).
+      dtype, in_axes, out_axes, batch_axes: as every :class:`~effjax.peft.KernelAdapter`
+        (``dtype``: of ``a``, ``s``, ``b``).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -119,17 +119,12 @@ class LaMDA(KernelAxesConfig, AdapterMethod):
     rank: int = 8
     alpha: float | None = None
     init: str = "svd"
-    dtype: Any = None
-    in_axes: int | tuple[int, ...] | None = None
-    out_axes: int | tuple[int, ...] | None = None
-    batch_axes: int | tuple[int, ...] = ()
 
     def __post_init__(self):
-        object.__setattr__(self, "rank", check_rank(self.rank, "LaMDA"))
-        object.__setattr__(self, "alpha", check_alpha(self.alpha, "LaMDA"))
+        super().__post_init__()
+        self._set(rank=check_rank(self.rank, self.name), alpha=check_alpha(self.alpha, self.name))
         if self.init not in _INITS:
             raise ValueError(f"LaMDA init must be one of {_INITS}, got {self.init!r}")
-        self._normalize_dtype_and_axes("LaMDA")
 
     @property
     def scale(self) -> float:
@@ -141,16 +136,11 @@ class LaMDA(KernelAxesConfig, AdapterMethod):
         lay = self.layout(shape)
         return lay.n_batch * (self.rank**2 + self.rank * lay.n_out)
 
-    def adapter_dtype(self, w_dtype: Any) -> jnp.dtype:
-        """dtype of ``a``, ``s`` and ``b`` for a kernel of ``w_dtype``."""
-        return adapter_dtype(self.dtype, w_dtype)
-
     def adapt(self, key: jax.Array, w: jax.Array) -> LaMDAWeight:
         """``a = U_r``, ``b = V_r^T`` from the truncated SVD of each slice of ``w`` (float32 or
         wider); ``s = S_r / s`` and the residual ``w`` (``init="svd"``) or ``s = 0`` and ``w``
         kept (``init="zeros"``). ``key`` is unused."""
         del key
-        w = as_float_kernel(w, "LaMDA")
         lay = self.layout(w.shape)
         rk, sc, dtype = self.rank, self.scale, self.adapter_dtype(w.dtype)
         ct = jnp.promote_types(w.dtype, jnp.float32)
@@ -216,8 +206,7 @@ class LaMDAWeight(AdapterNode):
 
     def materialize(self) -> jax.Array:
         """:math:`W + s\\,A S B`, cast to ``w.dtype``."""
-        d = self.delta()
-        return (self.w.astype(d.dtype) + d).astype(self.w.dtype)
+        return self._dense()  # op by op, not jit_dense: see LoRAWeight.materialize
 
 
 def frozen_components(count: Any, rank: int,

@@ -24,11 +24,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
-__all__ = ["KernelLayout", "KernelAxesConfig", "axes_field", "normalize_axes", "place_like"]
+__all__ = ["KernelLayout", "axes_field", "normalize_axes", "place_like"]
 
 
 def normalize_axes(axes: Any, ndim: int, what: str) -> tuple[int, ...] | None:
@@ -155,32 +154,3 @@ def axes_field(v: Any, name: str) -> tuple[int, ...] | None:
             isinstance(a, (int, np.integer)) and not isinstance(a, bool) for a in v):
         raise TypeError(f"{name} must be None, an int or a tuple of ints, got {v!r}")
     return tuple(int(a) for a in v)
-
-
-class KernelAxesConfig:
-    """Mixin for method configs with ``dtype``, ``in_axes``, ``out_axes`` and ``batch_axes``
-    fields: their shared validation and :meth:`layout`."""
-
-    def _normalize_dtype_and_axes(self, method: str) -> None:
-        """Validate ``dtype`` (None or floating) and normalize the three axes fields."""
-        if self.dtype is not None:
-            dt = jnp.dtype(self.dtype)
-            if not jnp.issubdtype(dt, jnp.floating):
-                raise TypeError(f"{method} dtype must be a floating dtype, got {dt}")
-            object.__setattr__(self, "dtype", dt)
-        for name in ("in_axes", "out_axes", "batch_axes"):
-            object.__setattr__(self, name, axes_field(getattr(self, name), name))
-
-    def layout(self, shape: Sequence[int]) -> KernelLayout:
-        """The kernel layout this config gives a weight of ``shape``."""
-        return KernelLayout.resolve(shape, in_axes=self.in_axes, out_axes=self.out_axes,
-                                    batch_axes=self.batch_axes)
-
-    def adapter_dtype(self, w_dtype: Any) -> jnp.dtype:
-        """dtype of the adapter arrays for a kernel of ``w_dtype``: the config's ``dtype``, else
-        the kernel's, except float32 for float16 / bfloat16 kernels (PEFT's
-        ``autocast_adapter_dtype``)."""
-        if self.dtype is not None:
-            return jnp.dtype(self.dtype)
-        w_dtype = jnp.dtype(w_dtype)
-        return jnp.dtype(jnp.float32) if w_dtype.itemsize < 4 else w_dtype

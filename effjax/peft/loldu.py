@@ -65,16 +65,14 @@ References:
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from effjax.peft.base import AdapterMethod, AdapterNode, adapter_node
-from effjax.peft.layout import KernelAxesConfig, KernelLayout, place_like
+from effjax.peft._checks import check_bool, check_number, check_rank
+from effjax.peft.base import AdapterNode, KernelAdapter, adapter_node, register_adapter
+from effjax.peft.layout import KernelLayout, place_like
 
 __all__ = ["LoLDU", "LoLDUWeight", "LoLDUScaleWeight", "ldu_decompose"]
 
@@ -113,16 +111,9 @@ def ldu_decompose(a: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Ar
     return perm.astype(jnp.int32), low, jnp.where(d == 0, jnp.zeros_like(d), d), u
 
 
-def _number(v: Any, name: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float, np.number)):
-        raise TypeError(f"LoLDU {name} must be a number, got {v!r}")
-    if not math.isfinite(v):
-        raise ValueError(f"LoLDU {name} must be finite, got {v}")
-    return float(v)
-
-
+@register_adapter("loldu")
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class LoLDU(KernelAxesConfig, AdapterMethod):
+class LoLDU(KernelAdapter):
     """LoLDU method config (a rule value of :func:`effjax.peft.inject`).
 
     :math:`W' = W_{res} + \\sigma\\, P L_r\\, \\mathrm{diag}(z)\\, U_r` (torch layout) with
@@ -137,9 +128,8 @@ class LoLDU(KernelAxesConfig, AdapterMethod):
         ``from_linear``). Must be nonzero.
       train_scale: also train :math:`\\sigma` (one scalar per kernel slice). Default False, as
         the official training helper.
-      dtype: dtype of ``u``, ``l``, ``z``, ``sigma``. None: the kernel's dtype, except float32
-        for float16 and bfloat16 kernels (as :class:`~effjax.peft.LoRA`).
-      in_axes, out_axes, batch_axes: the kernel's axes (see :mod:`effjax.peft.layout`).
+      dtype, in_axes, out_axes, batch_axes: as every :class:`~effjax.peft.KernelAdapter`
+        (``dtype``: of ``u``, ``l``, ``z``, ``sigma``).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -157,24 +147,15 @@ class LoLDU(KernelAxesConfig, AdapterMethod):
     rank: int = 8
     alpha: float = 1.0
     train_scale: bool = False
-    dtype: Any = None
-    in_axes: int | tuple[int, ...] | None = None
-    out_axes: int | tuple[int, ...] | None = None
-    batch_axes: int | tuple[int, ...] = ()
 
     def __post_init__(self):
-        if isinstance(self.rank, bool) or not isinstance(self.rank, (int, np.integer)):
-            raise TypeError(f"LoLDU rank must be an int, got {self.rank!r}")
-        if self.rank < 1:
-            raise ValueError(f"LoLDU rank must be >= 1, got {self.rank}")
-        object.__setattr__(self, "rank", int(self.rank))
-        object.__setattr__(self, "alpha", _number(self.alpha, "alpha"))
+        super().__post_init__()
+        name = self.name
+        self._set(rank=check_rank(self.rank, name), alpha=check_number(self.alpha, "alpha", name))
         if self.alpha == 0:
             raise ValueError("LoLDU alpha must be nonzero (the scale alpha / rank multiplies the "
                              "trainable diagonal)")
-        if not isinstance(self.train_scale, bool):
-            raise TypeError(f"LoLDU train_scale must be a bool, got {self.train_scale!r}")
-        self._normalize_dtype_and_axes("LoLDU")
+        check_bool(self.train_scale, "train_scale", name)
 
     @property
     def scale(self) -> float:
@@ -190,9 +171,6 @@ class LoLDU(KernelAxesConfig, AdapterMethod):
         and the residual (``key`` is unused: the init is deterministic); placed on ``w``'s
         devices and sharded like ``w``'s batch / in / out axes."""
         del key
-        w = jnp.asarray(w) if not isinstance(w, jax.Array) else w
-        if not jnp.issubdtype(w.dtype, jnp.floating):
-            raise TypeError(f"LoLDU needs a floating kernel, got dtype {w.dtype}")
         lay = self.layout(w.shape)
         r, dtype = self.rank, self.adapter_dtype(w.dtype)
         if r > min(lay.n_in, lay.n_out):
@@ -269,8 +247,7 @@ class LoLDUWeight(AdapterNode):
     def materialize(self) -> jax.Array:
         """:math:`W_{res} + \\sigma\\, U_r^\\top \\mathrm{diag}(z) (P L_r)^\\top`, cast to
         ``w.dtype``."""
-        d = self.delta()
-        return (self.w.astype(d.dtype) + d).astype(self.w.dtype)
+        return self._dense()  # op by op, not jit_dense: see LoRAWeight.materialize
 
 
 @adapter_node

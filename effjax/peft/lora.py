@@ -73,19 +73,53 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from effjax.peft.base import AdapterMethod, AdapterNode, adapter_node
-from effjax.peft.layout import KernelAxesConfig, KernelLayout, place_like
+from effjax.peft._checks import check_bool, check_number, check_rank
+from effjax.peft.base import AdapterNode, KernelAdapter, adapter_node, register_adapter
+from effjax.peft.layout import KernelLayout, place_like
 
-__all__ = ["LoRA", "LoRAWeight"]
+__all__ = ["LoRA", "LoRAWeight", "ScaledRank"]
 
 _INITS = ("kaiming", "gaussian", "pissa", "olora")
 _NITER = re.compile(r"pissa_niter_(\d+)")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class LoRA(KernelAxesConfig, AdapterMethod):
+class ScaledRank(KernelAdapter):
+    """Base of the configs whose node is a :class:`LoRAWeight` (LoRA, DoRA's low-rank part,
+    EVA, CorDA): the rank :math:`r`, :math:`\\alpha` and rsLoRA fields, validated once, and
+    the scale :math:`s = \\alpha / r` (:math:`\\alpha / \\sqrt r` with ``rslora``).
+
+    Attributes:
+      rank: :math:`r \\ge 1` (PEFT's ``r``; default 8).
+      alpha: :math:`\\alpha`, finite (PEFT's ``lora_alpha``; default 8).
+      rslora: use :math:`\\alpha/\\sqrt r` (PEFT's ``use_rslora``).
+    """
+
+    rank: int = 8
+    alpha: float = 8.0
+    rslora: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        name = self.name
+        self._set(rank=check_rank(self.rank, name), alpha=check_number(self.alpha, "alpha", name))
+        check_bool(self.rslora, "rslora", name)
+
+    @property
+    def scale(self) -> float:
+        """:math:`s = \\alpha / r`, or :math:`\\alpha / \\sqrt r` with rsLoRA."""
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+    def num_trainable(self, shape: Sequence[int]) -> int:
+        """:math:`n_{batch}\\, r\\,(n_{in} + n_{out})`."""
+        lay = self.layout(shape)
+        return lay.n_batch * self.rank * (lay.n_in + lay.n_out)
+
+
+@register_adapter("lora")
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoRA(ScaledRank):
     """LoRA method config (a rule value of :func:`effjax.peft.inject`).
 
     :math:`W' = W + s\\,AB`, :math:`s = \\alpha/r` (or :math:`\\alpha/\\sqrt r` with
@@ -93,17 +127,13 @@ class LoRA(KernelAxesConfig, AdapterMethod):
     See the module docstring for the equations, inits and references.
 
     Attributes:
-      rank: :math:`r \\ge 1` (PEFT's ``r``; default 8).
-      alpha: :math:`\\alpha` (PEFT's ``lora_alpha``; default 8).
+      rank, alpha, rslora: :math:`r`, :math:`\\alpha` and rsLoRA (see :class:`ScaledRank`).
       init: ``"kaiming"`` (PEFT's default) or ``"gaussian"`` (:math:`B = 0`, ``w`` kept as
         is), or ``"pissa"``, ``"pissa_niter_K"``, ``"olora"`` (``a``, ``b`` from the SVD / QR
         of the kernel and ``w`` replaced by the residual :math:`W - s\\,AB`; see the module
         docstring).
-      rslora: use :math:`\\alpha/\\sqrt r` (PEFT's ``use_rslora``).
-      dtype: dtype of ``a`` and ``b``. None: the kernel's dtype, except float32 for float16 and
-        bfloat16 kernels (PEFT's ``autocast_adapter_dtype=True`` default).
-      in_axes, out_axes, batch_axes: the kernel's axes (see :mod:`effjax.peft.layout`);
-        default: no batch axes, the first axis in, the rest out.
+      dtype, in_axes, out_axes, batch_axes: as every :class:`~effjax.peft.KernelAdapter`
+        (``dtype``: of ``a`` and ``b``).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -125,54 +155,23 @@ class LoRA(KernelAxesConfig, AdapterMethod):
       True
     """
 
-    rank: int = 8
-    alpha: float = 8.0
     init: str = "kaiming"
-    rslora: bool = False
-    dtype: Any = None
-    in_axes: int | tuple[int, ...] | None = None
-    out_axes: int | tuple[int, ...] | None = None
-    batch_axes: int | tuple[int, ...] = ()
 
     def __post_init__(self):
-        if isinstance(self.rank, bool) or not isinstance(self.rank, (int, np.integer)):
-            raise TypeError(f"LoRA rank must be an int, got {self.rank!r}")
-        if self.rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
-        object.__setattr__(self, "rank", int(self.rank))
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float, np.number)):
-            raise TypeError(f"LoRA alpha must be a number, got {self.alpha!r}")
-        if not math.isfinite(self.alpha):
-            raise ValueError(f"LoRA alpha must be finite, got {self.alpha}")
-        object.__setattr__(self, "alpha", float(self.alpha))
+        super().__post_init__()
+        name = self.name
         if not isinstance(self.init, str) or not (self.init in _INITS
                                                   or _NITER.fullmatch(self.init)):
-            raise ValueError(f"LoRA init must be one of {_INITS} or 'pissa_niter_K' (K >= 0 "
+            raise ValueError(f"{name} init must be one of {_INITS} or 'pissa_niter_K' (K >= 0 "
                              f"an int), got {self.init!r}")
         if self.init.startswith("pissa") and not self.alpha > 0:
-            raise ValueError(f"LoRA init={self.init!r} divides the singular values by the scale "
-                             f"alpha / r, so alpha must be > 0, got {self.alpha}")
-        if not isinstance(self.rslora, bool):
-            raise TypeError(f"LoRA rslora must be a bool, got {self.rslora!r}")
-        self._normalize_dtype_and_axes("LoRA")
-
-    @property
-    def scale(self) -> float:
-        """:math:`s = \\alpha / r`, or :math:`\\alpha / \\sqrt r` with rsLoRA."""
-        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
-
-    def num_trainable(self, shape: Sequence[int]) -> int:
-        """:math:`n_{batch}\\, r\\,(n_{in} + n_{out})`."""
-        lay = self.layout(shape)
-        return lay.n_batch * self.rank * (lay.n_in + lay.n_out)
+            raise ValueError(f"{name} init={self.init!r} divides the singular values by the "
+                             f"scale alpha / r, so alpha must be > 0, got {self.alpha}")
 
     def adapt(self, key: jax.Array, w: jax.Array) -> LoRAWeight:
         """``a`` from the init distribution, ``b = 0`` (or ``a``, ``b`` and the residual ``w``
         from the PiSSA / OLoRA decomposition), on ``w``'s devices and sharded like ``w``'s
         in/out axes (``a``: ``(*batch, *in, r)``, ``b``: ``(*batch, r, *out)``)."""
-        w = jnp.asarray(w) if not isinstance(w, jax.Array) else w
-        if not jnp.issubdtype(w.dtype, jnp.floating):
-            raise TypeError(f"LoRA needs a floating kernel, got dtype {w.dtype}")
         lay = self.layout(w.shape)
         r, dtype = self.rank, self.adapter_dtype(w.dtype)
         if self.init not in ("kaiming", "gaussian"):
@@ -198,7 +197,7 @@ class LoRA(KernelAxesConfig, AdapterMethod):
         """PiSSA / OLoRA: ``(w_res, a, b)`` with ``w_res = w - s a b`` (see the module docs)."""
         r, s = self.rank, self.scale
         if r > min(lay.n_in, lay.n_out):
-            raise ValueError(f"LoRA init={self.init!r} needs rank <= min(n_in, n_out) = "
+            raise ValueError(f"{self.name} init={self.init!r} needs rank <= min(n_in, n_out) = "
                              f"{min(lay.n_in, lay.n_out)} for a kernel of shape {lay.shape}, "
                              f"got rank={r}")
         ct = jnp.promote_types(w.dtype, jnp.float32)
@@ -292,6 +291,7 @@ class LoRAWeight(AdapterNode):
         return self.scale * lay.from_matrix(jnp.matmul(a, b))
 
     def materialize(self) -> jax.Array:
-        """:math:`W + s\\,AB`, cast to ``w.dtype``."""
-        d = self.delta()
-        return (self.w.astype(d.dtype) + d).astype(self.w.dtype)
+        """:math:`W + s\\,AB`, cast to ``w.dtype`` (``_dense`` op by op, not
+        :func:`~effjax.peft.base.jit_dense`: XLA's fusion of the sum rounds some kernels
+        differently, and LoRA's eager values are pinned by ``tests/fixtures``)."""
+        return self._dense()

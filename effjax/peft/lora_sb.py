@@ -62,17 +62,15 @@ References:
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from effjax.peft._checks import adapter_dtype, as_float_kernel, check_alpha, check_rank
-from effjax.peft.base import AdapterMethod, adapter_node
-from effjax.peft.layout import KernelAxesConfig, place_like
+from effjax.peft._checks import check_alpha, check_bool, check_number, check_rank
+from effjax.peft.base import KernelAdapter, adapter_node, register_adapter
+from effjax.peft.layout import place_like
 from effjax.peft.lora_xs import (
     LoRAXSWeight,
     place_factors,
@@ -84,8 +82,9 @@ __all__ = ["LoRASB", "LoRASBWeight"]
 _FIRST_STEPS = ("adam", "sgd")
 
 
+@register_adapter("lora_sb")
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class LoRASB(KernelAxesConfig, AdapterMethod):
+class LoRASB(KernelAdapter):
     """LoRA-SB method config (a rule value of :func:`effjax.peft.inject`, with
     ``calibration={path: gradient}``).
 
@@ -102,9 +101,8 @@ class LoRASB(KernelAxesConfig, AdapterMethod):
       alpha: None (:math:`s = 1`, official) or :math:`\\alpha` with :math:`s = \\alpha / r`.
       residual: False (paper / official: ``w`` kept, :math:`W' \\ne W` at init) or True
         (``w`` := :math:`W - s\\,ARB`, so :math:`W' = W` at init).
-      dtype: dtype of ``a``, ``r``, ``b``. None: the kernel's dtype, except float32 for float16
-        and bfloat16 kernels.
-      in_axes, out_axes, batch_axes: the kernel's axes (see :mod:`effjax.peft.layout`).
+      dtype, in_axes, out_axes, batch_axes: as every :class:`~effjax.peft.KernelAdapter`
+        (``dtype``: of ``a``, ``r``, ``b``).
 
     Example:
       >>> import jax, jax.numpy as jnp, numpy as np
@@ -129,25 +127,17 @@ class LoRASB(KernelAxesConfig, AdapterMethod):
     first_step: str = "adam"
     alpha: float | None = None
     residual: bool = False
-    dtype: Any = None
-    in_axes: int | tuple[int, ...] | None = None
-    out_axes: int | tuple[int, ...] | None = None
-    batch_axes: int | tuple[int, ...] = ()
 
     def __post_init__(self):
-        object.__setattr__(self, "rank", check_rank(self.rank, "LoRASB"))
-        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float, np.number)):
-            raise TypeError(f"LoRASB lr must be a number, got {self.lr!r}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"LoRASB lr must be finite and > 0, got {self.lr}")
-        object.__setattr__(self, "lr", float(self.lr))
+        super().__post_init__()
+        name = self.name
+        self._set(rank=check_rank(self.rank, name),
+                  lr=check_number(self.lr, "lr", name, positive=True),
+                  alpha=check_alpha(self.alpha, name))
         if self.first_step not in _FIRST_STEPS:
             raise ValueError(f"LoRASB first_step must be one of {_FIRST_STEPS}, got "
                              f"{self.first_step!r}")
-        object.__setattr__(self, "alpha", check_alpha(self.alpha, "LoRASB"))
-        if not isinstance(self.residual, bool):
-            raise TypeError(f"LoRASB residual must be a bool, got {self.residual!r}")
-        self._normalize_dtype_and_axes("LoRASB")
+        check_bool(self.residual, "residual", name)
 
     @property
     def scale(self) -> float:
@@ -158,10 +148,6 @@ class LoRASB(KernelAxesConfig, AdapterMethod):
         """:math:`n_{batch}\\, r^2`."""
         return self.layout(shape).n_batch * self.rank**2
 
-    def adapter_dtype(self, w_dtype: Any) -> jnp.dtype:
-        """dtype of ``a``, ``r`` and ``b`` for a kernel of ``w_dtype``."""
-        return adapter_dtype(self.dtype, w_dtype)
-
     def first_update(self, grad: jax.Array) -> jax.Array:
         """:math:`\\Delta W_1 = -\\eta\\,\\mathcal A(G)` (same shape as ``grad``)."""
         return -self.lr * (jnp.sign(grad) if self.first_step == "adam" else grad)
@@ -171,7 +157,6 @@ class LoRASB(KernelAxesConfig, AdapterMethod):
         :math:`\\Delta W_1` built from ``data`` (the leaf's loss gradient, ``w``'s shape);
         ``w`` kept (or replaced by the residual with ``residual=True``). ``key`` is unused."""
         del key
-        w = as_float_kernel(w, "LoRASB")
         if data is None:
             raise ValueError("LoRASB needs the leaf's loss gradient as adapt(key, w, data=grad) "
                              "(inject(..., calibration={path: grad}); see "

@@ -47,17 +47,15 @@ References:
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from effjax.peft._checks import adapter_dtype, as_float_kernel, check_alpha, check_rank
-from effjax.peft.base import AdapterMethod, AdapterNode, adapter_node
-from effjax.peft.layout import KernelAxesConfig, KernelLayout, place_like
+from effjax.peft._checks import check_alpha, check_number, check_rank
+from effjax.peft.base import AdapterNode, KernelAdapter, adapter_node, register_adapter
+from effjax.peft.layout import KernelLayout, place_like
 
 __all__ = ["LoRAXS", "LoRAXSWeight"]
 
@@ -92,8 +90,9 @@ def three_factor_delta(lay: KernelLayout, a, core, b, scale: float, ct) -> jax.A
     return scale * lay.from_matrix(jnp.matmul(jnp.matmul(a, core.astype(ct)), b))
 
 
+@register_adapter("lora_xs")
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class LoRAXS(KernelAxesConfig, AdapterMethod):
+class LoRAXS(KernelAdapter):
     """LoRA-XS method config (a rule value of :func:`effjax.peft.inject`).
 
     :math:`W' = W + s\\,A R B`, :math:`A = U_r\\Sigma_r`, :math:`B = V_r^\\top` frozen from the
@@ -107,9 +106,8 @@ class LoRAXS(KernelAxesConfig, AdapterMethod):
       init: ``"gaussian"`` (official: :math:`R \\sim \\mathcal N(0, \\sigma^2)`) or ``"zeros"``
         (:math:`R = 0`, so :math:`W' = W` exactly at init).
       init_std: :math:`\\sigma` of the gaussian init (official 1e-5).
-      dtype: dtype of ``a``, ``r``, ``b``. None: the kernel's dtype, except float32 for float16
-        and bfloat16 kernels.
-      in_axes, out_axes, batch_axes: the kernel's axes (see :mod:`effjax.peft.layout`).
+      dtype, in_axes, out_axes, batch_axes: as every :class:`~effjax.peft.KernelAdapter`
+        (``dtype``: of ``a``, ``r``, ``b``).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -132,23 +130,14 @@ class LoRAXS(KernelAxesConfig, AdapterMethod):
     alpha: float | None = None
     init: str = "gaussian"
     init_std: float = 1e-5
-    dtype: Any = None
-    in_axes: int | tuple[int, ...] | None = None
-    out_axes: int | tuple[int, ...] | None = None
-    batch_axes: int | tuple[int, ...] = ()
 
     def __post_init__(self):
-        object.__setattr__(self, "rank", check_rank(self.rank, "LoRAXS"))
-        object.__setattr__(self, "alpha", check_alpha(self.alpha, "LoRAXS"))
+        super().__post_init__()
+        name = self.name
+        self._set(rank=check_rank(self.rank, name), alpha=check_alpha(self.alpha, name),
+                  init_std=check_number(self.init_std, "init_std", name, nonnegative=True))
         if self.init not in _INITS:
             raise ValueError(f"LoRAXS init must be one of {_INITS}, got {self.init!r}")
-        if isinstance(self.init_std, bool) or not isinstance(self.init_std,
-                                                              (int, float, np.number)):
-            raise TypeError(f"LoRAXS init_std must be a number, got {self.init_std!r}")
-        if not (math.isfinite(self.init_std) and self.init_std >= 0):
-            raise ValueError(f"LoRAXS init_std must be finite and >= 0, got {self.init_std}")
-        object.__setattr__(self, "init_std", float(self.init_std))
-        self._normalize_dtype_and_axes("LoRAXS")
 
     @property
     def scale(self) -> float:
@@ -159,14 +148,9 @@ class LoRAXS(KernelAxesConfig, AdapterMethod):
         """:math:`n_{batch}\\, r^2`."""
         return self.layout(shape).n_batch * self.rank**2
 
-    def adapter_dtype(self, w_dtype: Any) -> jnp.dtype:
-        """dtype of ``a``, ``r`` and ``b`` for a kernel of ``w_dtype``."""
-        return adapter_dtype(self.dtype, w_dtype)
-
     def adapt(self, key: jax.Array, w: jax.Array) -> LoRAXSWeight:
         """``a = U_r S_r``, ``b = V_r^T`` from the truncated SVD of each slice of ``w`` (in
         float32 or wider), ``r`` from the init; ``w`` kept as is."""
-        w = as_float_kernel(w, "LoRAXS")
         lay = self.layout(w.shape)
         rk, dtype = self.rank, self.adapter_dtype(w.dtype)
         ct = jnp.promote_types(w.dtype, jnp.float32)
@@ -225,5 +209,4 @@ class LoRAXSWeight(AdapterNode):
 
     def materialize(self) -> jax.Array:
         """:math:`W + s\\,A R B`, cast to ``w.dtype``."""
-        d = self.delta()
-        return (self.w.astype(d.dtype) + d).astype(self.w.dtype)
+        return self._dense()  # op by op, not jit_dense: see LoRAWeight.materialize

@@ -70,14 +70,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from effjax.peft._checks import check_int
-from effjax.peft.base import AdapterMethod, AdapterNode, adapter_node, jit_dense
-from effjax.peft.layout import KernelAxesConfig, KernelLayout, place_like
+from effjax.peft._checks import check_int, check_rank
+from effjax.peft.base import AdapterNode, KernelAdapter, adapter_node, register_adapter
+from effjax.peft.layout import KernelLayout, place_like
 
 __all__ = ["MiSS", "Bone", "MiSSWeight"]
 
@@ -85,8 +84,9 @@ _VARIANTS = ("balance", "bat", "mini")
 _INITS = ("zeros", "kaiming")
 
 
+@register_adapter("miss")
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class MiSS(KernelAxesConfig, AdapterMethod):
+class MiSS(KernelAdapter):
     """MiSS method config (a rule value of :func:`effjax.peft.inject`); ``Bone`` is an alias.
 
     ``balance``: :math:`W'_{io} = W_{io} + D_{(i \\bmod r), o}`; ``mini``:
@@ -103,9 +103,8 @@ class MiSS(KernelAxesConfig, AdapterMethod):
         :math:`n_{out}`.
       init: ``"zeros"`` (PEFT's default, :math:`W' = W` at init) or ``"kaiming"`` (PEFT's
         ``init_weights=False``; balance only).
-      dtype: dtype of the trainable block. None: the kernel's dtype, except float32 for
-        float16 and bfloat16 kernels (as :class:`~effjax.peft.LoRA`).
-      in_axes, out_axes, batch_axes: the kernel's axes (see :mod:`effjax.peft.layout`).
+      dtype, in_axes, out_axes, batch_axes: as every :class:`~effjax.peft.KernelAdapter`
+        (``dtype``: of the trainable block).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -129,14 +128,11 @@ class MiSS(KernelAxesConfig, AdapterMethod):
     variant: str = "balance"
     mini_rank: int = 1
     init: str = "zeros"
-    dtype: Any = None
-    in_axes: int | tuple[int, ...] | None = None
-    out_axes: int | tuple[int, ...] | None = None
-    batch_axes: int | tuple[int, ...] = ()
 
     def __post_init__(self):
-        object.__setattr__(self, "rank", check_int(self.rank, "rank", 1, "MiSS"))
-        object.__setattr__(self, "mini_rank", check_int(self.mini_rank, "mini_rank", 1, "MiSS"))
+        super().__post_init__()
+        self._set(rank=check_rank(self.rank, "MiSS"),
+                  mini_rank=check_int(self.mini_rank, "mini_rank", 1, "MiSS"))
         if self.variant not in _VARIANTS:
             raise ValueError(f"MiSS variant must be one of {_VARIANTS}, got {self.variant!r}")
         if self.init not in _INITS:
@@ -147,7 +143,6 @@ class MiSS(KernelAxesConfig, AdapterMethod):
         if self.variant != "mini" and self.mini_rank != 1:
             raise ValueError(f"MiSS mini_rank={self.mini_rank} is only used with "
                              f"variant='mini', got variant={self.variant!r}")
-        self._normalize_dtype_and_axes("MiSS")
 
     def _check(self, lay: KernelLayout) -> None:
         r = self.rank
@@ -181,9 +176,6 @@ class MiSS(KernelAxesConfig, AdapterMethod):
     def adapt(self, key: jax.Array, w: jax.Array) -> MiSSWeight:
         """The zero block (or, with ``init="kaiming"``, :math:`U(\\pm 1/\\sqrt{n_{out}})` from
         ``key``) on ``w``'s devices; the balance block is sharded like ``w``'s output axes."""
-        w = jnp.asarray(w) if not isinstance(w, jax.Array) else w
-        if not jnp.issubdtype(w.dtype, jnp.floating):
-            raise TypeError(f"MiSS needs a floating kernel, got dtype {w.dtype}")
         lay = self.layout(w.shape)
         self._check(lay)
         dtype, shape = self.adapter_dtype(w.dtype), self.block_shape(lay)
@@ -248,14 +240,11 @@ class MiSSWeight(AdapterNode):
             "...aqp->...qap", b)[..., None, :, :, :]
         return new.reshape(nb + (lay.n_in, lay.n_out))
 
-    def materialize(self) -> jax.Array:
-        """:math:`W'` (see the class docs), cast to ``w.dtype``."""
-        return jit_dense(self)
-
     def _dense(self) -> jax.Array:
+        """:math:`W'` (see the class docs), cast to ``w.dtype`` (compiled by the default
+        ``materialize``)."""
         ct = jnp.promote_types(self.w.dtype, self.block.dtype)
         if self.method.variant == "bat":
             return self.layout.from_matrix(self._bat(ct)).astype(self.w.dtype)
         d = self.layout.from_matrix(self._tiled(ct))
         return (self.w.astype(ct) + d).astype(self.w.dtype)
-

@@ -81,15 +81,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from effjax.peft._checks import check_int
-from effjax.peft.base import AdapterMethod, AdapterNode, adapter_node, jit_dense
-from effjax.peft.layout import KernelAxesConfig, KernelLayout, place_like
+from effjax.peft._checks import check_int, check_number
+from effjax.peft.base import AdapterNode, KernelAdapter, adapter_node, register_adapter
+from effjax.peft.layout import KernelLayout, place_like
 
 __all__ = ["MoS", "MoSWeight", "mos_routing"]
 
@@ -125,8 +123,9 @@ def mos_routing(key: jax.Array, num_layers: int, rank: int, pool_rank: int,
     return jax.vmap(row)(jnp.arange(num_layers))
 
 
+@register_adapter("mos")
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class MoS(KernelAxesConfig, AdapterMethod):
+class MoS(KernelAdapter):
     """MoS method config (a rule value of :func:`effjax.peft.inject`).
 
     Per layer :math:`s` (slice of the stacked kernel): :math:`W'_s = W_s + (\\alpha/r)\\,A_s B_s`
@@ -167,24 +166,16 @@ class MoS(KernelAxesConfig, AdapterMethod):
     private_rank: int = 1
     num_shards: int = 2
     alpha: float = 16.0
-    dtype: Any = None
-    in_axes: int | tuple[int, ...] | None = None
-    out_axes: int | tuple[int, ...] | None = None
-    batch_axes: int | tuple[int, ...] = ()
 
     def __post_init__(self):
+        super().__post_init__()
         for name, lo in (("rank", 1), ("pool_rank", 1), ("private_rank", 0),
                          ("num_shards", 1)):
-            object.__setattr__(self, name, check_int(getattr(self, name), name, lo, "MoS"))
+            self._set(**{name: check_int(getattr(self, name), name, lo, self.name)})
         if self.private_rank > min(self.rank, self.pool_rank):
             raise ValueError(f"MoS private_rank={self.private_rank} must be <= rank="
                              f"{self.rank} and <= pool_rank={self.pool_rank}")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float, np.number)):
-            raise TypeError(f"MoS alpha must be a number, got {self.alpha!r}")
-        if not math.isfinite(self.alpha):
-            raise ValueError(f"MoS alpha must be finite, got {self.alpha}")
-        object.__setattr__(self, "alpha", float(self.alpha))
-        self._normalize_dtype_and_axes("MoS")
+        self._set(alpha=check_number(self.alpha, "alpha", self.name))
 
     @property
     def scale(self) -> float:
@@ -213,9 +204,6 @@ class MoS(KernelAxesConfig, AdapterMethod):
     def adapt(self, key: jax.Array, w: jax.Array) -> MoSWeight:
         """Pools (``pool_a`` kaiming-uniform, ``pool_b = 0``) and independent routings
         ``idx_a``, ``idx_b`` from ``key``, on ``w``'s devices (replicated)."""
-        w = jnp.asarray(w) if not isinstance(w, jax.Array) else w
-        if not jnp.issubdtype(w.dtype, jnp.floating):
-            raise TypeError(f"MoS needs a floating kernel, got dtype {w.dtype}")
         lay = self.layout(w.shape)
         self._check(lay)
         n_layers, n_sh = lay.n_batch, self.num_shards
@@ -279,9 +267,3 @@ class MoSWeight(AdapterNode):
         """:math:`(\\alpha/r)\\,A_s B_s` in ``w``'s layout (promoted dtype)."""
         a, b = self.factors()
         return self.method.scale * self.layout.from_matrix(jnp.matmul(a, b))
-
-    def materialize(self) -> jax.Array:
-        """:math:`W_s + (\\alpha/r)\\,A_s B_s`, cast to ``w.dtype``."""
-        return jit_dense(self)
-
-

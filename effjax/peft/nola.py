@@ -58,9 +58,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from effjax.peft._checks import check_int
-from effjax.peft.base import AdapterMethod, AdapterNode, adapter_node, jit_dense
-from effjax.peft.layout import KernelAxesConfig, KernelLayout, place_like
+from effjax.peft._checks import check_int, check_number, check_seed
+from effjax.peft.base import AdapterNode, KernelAdapter, adapter_node, register_adapter
+from effjax.peft.layout import KernelLayout, place_like
 
 __all__ = ["NOLA", "NOLAWeight", "nola_bases"]
 
@@ -97,8 +97,9 @@ def _bases(seed, rank, num_basis_a, num_basis_b, n_in, n_out, dtype):  # compile
     return a0.astype(dtype), a.astype(dtype), b.astype(dtype)
 
 
+@register_adapter("nola")
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class NOLA(KernelAxesConfig, AdapterMethod):
+class NOLA(KernelAdapter):
     """NOLA method config (a rule value of :func:`effjax.peft.inject`).
 
     :math:`W' = W + s\\,AB`, :math:`A = A_0 + \\sum_i \\alpha_i A_i`,
@@ -112,9 +113,8 @@ class NOLA(KernelAxesConfig, AdapterMethod):
       num_basis_b: :math:`l`, number of bases of :math:`B` (default 1024).
       alpha: LoRA's ``lora_alpha``; :math:`s = \\text{alpha} / r` (default 8).
       seed: seed of the frozen bases (default 0).
-      dtype: dtype of the coefficients and bases. None: the kernel's dtype, except float32 for
-        float16 and bfloat16 kernels (as :class:`~effjax.peft.LoRA`).
-      in_axes, out_axes, batch_axes: the kernel's axes (see :mod:`effjax.peft.layout`).
+      dtype, in_axes, out_axes, batch_axes: as every :class:`~effjax.peft.KernelAdapter`
+        (``dtype``: of the coefficients and bases).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -133,23 +133,13 @@ class NOLA(KernelAxesConfig, AdapterMethod):
     num_basis_b: int = 1024
     alpha: float = 8.0
     seed: int = 0
-    dtype: Any = None
-    in_axes: int | tuple[int, ...] | None = None
-    out_axes: int | tuple[int, ...] | None = None
-    batch_axes: int | tuple[int, ...] = ()
 
     def __post_init__(self):
-        for name in ("rank", "num_basis_a", "num_basis_b"):
-            object.__setattr__(self, name, check_int(getattr(self, name), name, 1, "NOLA"))
-        object.__setattr__(self, "seed", check_int(self.seed, "seed", 0, "NOLA"))
-        if self.seed >= 2**32:
-            raise ValueError(f"NOLA seed must be < 2**32, got {self.seed}")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float, np.number)):
-            raise TypeError(f"NOLA alpha must be a number, got {self.alpha!r}")
-        if not math.isfinite(self.alpha):
-            raise ValueError(f"NOLA alpha must be finite, got {self.alpha}")
-        object.__setattr__(self, "alpha", float(self.alpha))
-        self._normalize_dtype_and_axes("NOLA")
+        super().__post_init__()
+        name = self.name
+        self._set(**{f: check_int(getattr(self, f), f, 1, name)
+                     for f in ("rank", "num_basis_a", "num_basis_b")})
+        self._set(seed=check_seed(self.seed, name), alpha=check_number(self.alpha, "alpha", name))
 
     @property
     def scale(self) -> float:
@@ -169,9 +159,6 @@ class NOLA(KernelAxesConfig, AdapterMethod):
         """``coef_a = coef_b = 0`` on ``w``'s devices (``key`` is unused: the bases come from
         ``seed``)."""
         del key
-        w = jnp.asarray(w) if not isinstance(w, jax.Array) else w
-        if not jnp.issubdtype(w.dtype, jnp.floating):
-            raise TypeError(f"NOLA needs a floating kernel, got dtype {w.dtype}")
         lay = self.layout(w.shape)
         dtype = self.adapter_dtype(w.dtype)
         dims = lay.batch_axes + (None,)
@@ -227,9 +214,3 @@ class NOLAWeight(AdapterNode):
         """:math:`s\\,AB` in ``w``'s layout (promoted dtype)."""
         a, b = self.factors()
         return self.method.scale * self.layout.from_matrix(jnp.matmul(a, b))
-
-    def materialize(self) -> jax.Array:
-        """:math:`W + s\\,AB`, cast to ``w.dtype``."""
-        return jit_dense(self)
-
-

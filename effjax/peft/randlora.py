@@ -92,9 +92,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from effjax.peft._checks import check_int
-from effjax.peft.base import AdapterMethod, AdapterNode, adapter_node, jit_dense
-from effjax.peft.layout import KernelAxesConfig, KernelLayout, place_like
+from effjax.peft._checks import check_bool, check_int, check_number, check_rank, check_seed
+from effjax.peft.base import AdapterNode, KernelAdapter, adapter_node, register_adapter
+from effjax.peft.layout import KernelLayout, place_like
 
 __all__ = ["RandLoRA", "RandLoRAWeight", "randlora_bases", "randlora_num_bases"]
 
@@ -157,8 +157,9 @@ def _bases(seed, rank, d_min, d_max, num_bases, sparsity, dtype):  # compiled on
     return a.astype(dtype), b.astype(dtype)
 
 
+@register_adapter("randlora")
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class RandLoRA(KernelAxesConfig, AdapterMethod):
+class RandLoRA(KernelAdapter):
     """RandLoRA method config (a rule value of :func:`effjax.peft.inject`).
 
     :math:`\\Delta W = s \\sum_n B_n \\Lambda_n A \\Gamma_n` (torch layout), :math:`s =
@@ -178,9 +179,8 @@ class RandLoRA(KernelAxesConfig, AdapterMethod):
       very_sparse_dim: :math:`D` for ``very_sparse``: PEFT's :math:`\\min(\\text{largest }
         n_{out}, \\text{largest } n_{in})` over the targeted layers. None: each leaf's own
         :math:`d_{min}`. A leaf with a larger :math:`d_{min}` raises ``ValueError``.
-      dtype: dtype of all adapter arrays. None: the kernel's dtype, except float32 for float16
-        and bfloat16 kernels (as :class:`~effjax.peft.LoRA`).
-      in_axes, out_axes, batch_axes: the kernel's axes (see :mod:`effjax.peft.layout`).
+      dtype, in_axes, out_axes, batch_axes: as every :class:`~effjax.peft.KernelAdapter`
+        (``dtype``: of all adapter arrays).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -202,32 +202,20 @@ class RandLoRA(KernelAxesConfig, AdapterMethod):
     sparse: bool = False
     very_sparse: bool = False
     very_sparse_dim: int | None = None
-    dtype: Any = None
-    in_axes: int | tuple[int, ...] | None = None
-    out_axes: int | tuple[int, ...] | None = None
-    batch_axes: int | tuple[int, ...] = ()
 
     def __post_init__(self):
-        object.__setattr__(self, "rank", check_int(self.rank, "rank", 1, "RandLoRA"))
-        object.__setattr__(self, "seed", check_int(self.seed, "seed", 0, "RandLoRA"))
-        if self.seed >= 2**32:
-            raise ValueError(f"RandLoRA seed must be < 2**32, got {self.seed}")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float, np.number)):
-            raise TypeError(f"RandLoRA alpha must be a number, got {self.alpha!r}")
-        if not math.isfinite(self.alpha):
-            raise ValueError(f"RandLoRA alpha must be finite, got {self.alpha}")
-        object.__setattr__(self, "alpha", float(self.alpha))
-        for name in ("sparse", "very_sparse"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"RandLoRA {name} must be a bool, got {getattr(self, name)!r}")
+        super().__post_init__()
+        name = self.name
+        self._set(rank=check_rank(self.rank, name), seed=check_seed(self.seed, name),
+                  alpha=check_number(self.alpha, "alpha", name))
+        check_bool(self.sparse, "sparse", name)
+        check_bool(self.very_sparse, "very_sparse", name)
         if self.sparse and self.very_sparse:
             raise ValueError("RandLoRA sparse and very_sparse are exclusive; set one of them")
         if self.very_sparse_dim is not None:
             if not self.very_sparse:
                 raise ValueError("RandLoRA very_sparse_dim is only used with very_sparse=True")
-            object.__setattr__(self, "very_sparse_dim",
-                               check_int(self.very_sparse_dim, "very_sparse_dim", 1, "RandLoRA"))
-        self._normalize_dtype_and_axes("RandLoRA")
+            self._set(very_sparse_dim=check_int(self.very_sparse_dim, "very_sparse_dim", 1, name))
 
     @property
     def scale(self) -> float:
@@ -257,9 +245,6 @@ class RandLoRA(KernelAxesConfig, AdapterMethod):
         """Frozen bases from ``seed`` (``key`` is unused: the bases are shared by all leaves),
         ``lam = 0``, ``gamma = 1 / d_min``; on ``w``'s devices, sharded like its axes."""
         del key
-        w = jnp.asarray(w) if not isinstance(w, jax.Array) else w
-        if not jnp.issubdtype(w.dtype, jnp.floating):
-            raise TypeError(f"RandLoRA needs a floating kernel, got dtype {w.dtype}")
         lay = self.layout(w.shape)
         in_min = lay.n_in <= lay.n_out
         d_min, d_max = min(lay.n_in, lay.n_out), max(lay.n_in, lay.n_out)
@@ -338,9 +323,3 @@ class RandLoRAWeight(AdapterNode):
         if lay.n_in <= lay.n_out:
             m = jnp.swapaxes(m, -1, -2)
         return self.method.scale * lay.from_matrix(m)
-
-    def materialize(self) -> jax.Array:
-        """:math:`W + s\\,M^{(\\top)}`, cast to ``w.dtype``."""
-        return jit_dense(self)
-
-

@@ -47,20 +47,20 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from effjax.peft.base import AdapterMethod, AdapterNode, adapter_node
-from effjax.peft.layout import KernelAxesConfig, KernelLayout, place_like
+from effjax.peft._checks import check_rank
+from effjax.peft.base import AdapterNode, KernelAdapter, adapter_node, register_adapter
+from effjax.peft.layout import KernelLayout, place_like
 
 __all__ = ["SVFit", "SVFitWeight"]
 
 
+@register_adapter("svfit")
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class SVFit(KernelAxesConfig, AdapterMethod):
+class SVFit(KernelAdapter):
     """SVFit method config (a rule value of :func:`effjax.peft.inject`).
 
     :math:`W' = W_e + U_r\\,\\mathrm{diag}(\\sigma)\\,V_r^\\top` with :math:`U_r, V_r, W_e` frozen
@@ -69,9 +69,8 @@ class SVFit(KernelAxesConfig, AdapterMethod):
 
     Attributes:
       rank: :math:`r \\ge 1`, at most :math:`\\min(n_{in}, n_{out})` of each targeted kernel.
-      dtype: dtype of ``u``, ``s`` and ``vh``. None: the kernel's dtype, except float32 for
-        float16 and bfloat16 kernels (as :class:`~effjax.peft.LoRA`).
-      in_axes, out_axes, batch_axes: the kernel's axes (see :mod:`effjax.peft.layout`).
+      dtype, in_axes, out_axes, batch_axes: as every :class:`~effjax.peft.KernelAdapter`
+        (``dtype``: of ``u``, ``s`` and ``vh``).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -88,18 +87,10 @@ class SVFit(KernelAxesConfig, AdapterMethod):
     """
 
     rank: int = 8
-    dtype: Any = None
-    in_axes: int | tuple[int, ...] | None = None
-    out_axes: int | tuple[int, ...] | None = None
-    batch_axes: int | tuple[int, ...] = ()
 
     def __post_init__(self):
-        if isinstance(self.rank, bool) or not isinstance(self.rank, (int, np.integer)):
-            raise TypeError(f"SVFit rank must be an int, got {self.rank!r}")
-        if self.rank < 1:
-            raise ValueError(f"SVFit rank must be >= 1, got {self.rank}")
-        object.__setattr__(self, "rank", int(self.rank))
-        self._normalize_dtype_and_axes("SVFit")
+        super().__post_init__()
+        self._set(rank=check_rank(self.rank, self.name))
 
     def num_trainable(self, shape: Sequence[int]) -> int:
         """:math:`n_{batch}\\, r`."""
@@ -110,9 +101,6 @@ class SVFit(KernelAxesConfig, AdapterMethod):
         deterministic), with the residual :math:`W_e` as the frozen ``w``; placed on ``w``'s
         devices and sharded like ``w``'s batch / in / out axes."""
         del key
-        w = jnp.asarray(w) if not isinstance(w, jax.Array) else w
-        if not jnp.issubdtype(w.dtype, jnp.floating):
-            raise TypeError(f"SVFit needs a floating kernel, got dtype {w.dtype}")
         lay = self.layout(w.shape)
         r, dtype = self.rank, self.adapter_dtype(w.dtype)
         if r > min(lay.n_in, lay.n_out):
@@ -175,5 +163,4 @@ class SVFitWeight(AdapterNode):
 
     def materialize(self) -> jax.Array:
         """:math:`W_e + U_r\\,\\mathrm{diag}(\\sigma)\\,V_r^\\top`, cast to ``w.dtype``."""
-        d = self.delta()
-        return (self.w.astype(d.dtype) + d).astype(self.w.dtype)
+        return self._dense()  # op by op, not jit_dense: see LoRAWeight.materialize

@@ -159,12 +159,26 @@ def materialize(tree: Any) -> Any:
 
 
 def merge(tree: Any) -> Any:
-    """Plain params with the adapters folded in (``node.merge()``), for export or inference.
+    """Plain params with the adapters folded in, for export or inference.
 
-    Each leaf has its original shape and dtype (for LoRA :math:`W + s\\,AB` cast to ``w``'s
-    dtype); equal to :func:`materialize` for every method here.
+    The export function: every adapter node becomes a dense array of the original leaf's shape
+    and dtype (for LoRA :math:`W + s\\,AB` cast to ``w``'s dtype), every other leaf is kept.
+    For the float bases of today's methods that is exactly :func:`materialize` (no
+    ``stop_gradient``: still differentiable). Its own job comes with quantized bases (the next
+    issue): there ``merge`` folds an adapter into its quantized base, where ``materialize``
+    keeps returning the dense weight for training.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from effjax.peft import LoRA, inject
+      >>> tree = inject({'k': jnp.eye(2, dtype=jnp.bfloat16)}, {'k': LoRA(rank=1, alpha=2.0)},
+      ...               key=jax.random.key(0))
+      >>> tree = {'k': tree['k'].replace(a=jnp.array([[1.0], [0.0]]), b=jnp.array([[0.0, 3.0]]))}
+      >>> merge(tree)['k']  # I + (2 / 1) a @ b, in the kernel's dtype
+      Array([[1, 6],
+             [0, 1]], dtype=bfloat16)
     """
-    return jax.tree.map(lambda x: x.merge() if is_adapter(x) else x, tree, is_leaf=is_adapter)
+    return materialize(tree)
 
 
 def _node_map(node: AdapterNode, fn_trainable, fn_frozen) -> AdapterNode:

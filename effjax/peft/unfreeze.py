@@ -20,13 +20,13 @@ import math
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 
-from effjax.peft.base import AdapterMethod, AdapterNode, adapter_node
+from effjax.peft.base import AdapterMethod, AdapterNode, adapter_node, register_adapter
 
 __all__ = ["Unfreeze", "UnfrozenWeight"]
 
 
+@register_adapter("unfreeze")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Unfreeze(AdapterMethod):
     """Make a leaf fully trainable (no adapter): :math:`W' = W`."""
@@ -34,9 +34,6 @@ class Unfreeze(AdapterMethod):
     def adapt(self, key: jax.Array, w: jax.Array) -> UnfrozenWeight:
         """Wrap ``w`` (``key`` is unused)."""
         del key
-        w = jnp.asarray(w) if not isinstance(w, jax.Array) else w
-        if not jnp.issubdtype(w.dtype, jnp.floating):
-            raise TypeError(f"Unfreeze needs a floating leaf, got dtype {w.dtype}")
         return UnfrozenWeight(w=w, method=self)
 
     def num_trainable(self, shape: Sequence[int]) -> int:

@@ -64,9 +64,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from effjax.peft._checks import check_int
-from effjax.peft.base import AdapterMethod, AdapterNode, adapter_node, jit_dense
-from effjax.peft.layout import KernelAxesConfig, KernelLayout, place_like
+from effjax.peft._checks import check_int, check_number, check_rank, check_seed
+from effjax.peft.base import AdapterNode, KernelAdapter, adapter_node, register_adapter
+from effjax.peft.layout import KernelLayout, place_like
 
 __all__ = ["VeRA", "VeRAWeight", "vera_projections"]
 
@@ -110,8 +110,9 @@ def _projections(seed, rank, n_in, n_out, fan_in, dtype):  # jitted: compiled on
     return a.astype(dtype), b.astype(dtype)
 
 
+@register_adapter("vera")
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class VeRA(KernelAxesConfig, AdapterMethod):
+class VeRA(KernelAdapter):
     """VeRA method config (a rule value of :func:`effjax.peft.inject`).
 
     :math:`W' = W + (A\\,\\mathrm{diag}(d)\\,B)\\,\\mathrm{diag}(b)` with frozen random
@@ -125,9 +126,8 @@ class VeRA(KernelAxesConfig, AdapterMethod):
       d_initial: initial value of every entry of :math:`d` (PEFT's ``d_initial``; 0.1).
       max_in: the fan-in of :math:`A`'s kaiming bound, PEFT's largest targeted input size.
         None: each leaf's own :math:`n_{in}`. A leaf with more inputs raises ``ValueError``.
-      dtype: dtype of all adapter arrays. None: the kernel's dtype, except float32 for float16
-        and bfloat16 kernels (as :class:`~effjax.peft.LoRA`).
-      in_axes, out_axes, batch_axes: the kernel's axes (see :mod:`effjax.peft.layout`).
+      dtype, in_axes, out_axes, batch_axes: as every :class:`~effjax.peft.KernelAdapter`
+        (``dtype``: of all adapter arrays).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -144,25 +144,14 @@ class VeRA(KernelAxesConfig, AdapterMethod):
     seed: int = 0
     d_initial: float = 0.1
     max_in: int | None = None
-    dtype: Any = None
-    in_axes: int | tuple[int, ...] | None = None
-    out_axes: int | tuple[int, ...] | None = None
-    batch_axes: int | tuple[int, ...] = ()
 
     def __post_init__(self):
-        object.__setattr__(self, "rank", check_int(self.rank, "rank", 1, "VeRA"))
-        object.__setattr__(self, "seed", check_int(self.seed, "seed", 0, "VeRA"))
-        if self.seed >= 2**32:
-            raise ValueError(f"VeRA seed must be < 2**32, got {self.seed}")
+        super().__post_init__()
+        name = self.name
+        self._set(rank=check_rank(self.rank, name), seed=check_seed(self.seed, name),
+                  d_initial=check_number(self.d_initial, "d_initial", name))
         if self.max_in is not None:
-            object.__setattr__(self, "max_in", check_int(self.max_in, "max_in", 1, "VeRA"))
-        if isinstance(self.d_initial, bool) or not isinstance(self.d_initial,
-                                                              (int, float, np.number)):
-            raise TypeError(f"VeRA d_initial must be a number, got {self.d_initial!r}")
-        if not math.isfinite(self.d_initial):
-            raise ValueError(f"VeRA d_initial must be finite, got {self.d_initial}")
-        object.__setattr__(self, "d_initial", float(self.d_initial))
-        self._normalize_dtype_and_axes("VeRA")
+            self._set(max_in=check_int(self.max_in, "max_in", 1, name))
 
     def num_trainable(self, shape: Sequence[int]) -> int:
         """:math:`n_{batch}\\,(r + n_{out})`."""
@@ -173,9 +162,6 @@ class VeRA(KernelAxesConfig, AdapterMethod):
         """Frozen ``a``, ``b`` from ``seed`` (``key`` is unused: the matrices are shared by all
         leaves), ``lambda_d = d_initial``, ``lambda_b = 0``; placed on ``w``'s devices."""
         del key
-        w = jnp.asarray(w) if not isinstance(w, jax.Array) else w
-        if not jnp.issubdtype(w.dtype, jnp.floating):
-            raise TypeError(f"VeRA needs a floating kernel, got dtype {w.dtype}")
         lay = self.layout(w.shape)
         if self.max_in is not None and lay.n_in > self.max_in:
             raise ValueError(f"VeRA max_in={self.max_in} is smaller than this kernel's input "
@@ -249,9 +235,3 @@ class VeRAWeight(AdapterNode):
         d = self.lambda_d.reshape(lay.batch_shape + (1, r)).astype(ct)
         lb = self.lambda_b.reshape(lay.batch_shape + (1, lay.n_out)).astype(ct)
         return lay.from_matrix(jnp.matmul(a * d, b) * lb)
-
-    def materialize(self) -> jax.Array:
-        """:math:`W + (A\\,\\mathrm{diag}(d)\\,B)\\,\\mathrm{diag}(b)`, cast to ``w.dtype``."""
-        return jit_dense(self)
-
-

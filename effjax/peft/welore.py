@@ -85,8 +85,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from effjax.peft.base import AdapterMethod, AdapterNode, adapter_node
-from effjax.peft.layout import KernelAxesConfig, KernelLayout, place_like
+from effjax.peft.base import AdapterNode, KernelAdapter, adapter_node, register_adapter
+from effjax.peft.layout import KernelLayout, place_like
 from effjax.peft.rules import assign_rules, compile_rules
 from effjax.selection import path_str
 
@@ -111,8 +111,9 @@ def _check_rank(v: Any) -> int | tuple[int, ...] | None:
     return tuple(int(x) for x in items)
 
 
+@register_adapter("welore")
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class WeLore(KernelAxesConfig, AdapterMethod):
+class WeLore(KernelAdapter):
     """WeLore method config: replace a kernel by trainable rank-:math:`r` SVD factors.
 
     :math:`W' = AB`, :math:`A = U_r\\Sigma_r^{1/2}`, :math:`B = \\Sigma_r^{1/2}V_r^\\top`;
@@ -123,9 +124,8 @@ class WeLore(KernelAxesConfig, AdapterMethod):
       rank: None (full rank :math:`\\min(n_{in}, n_{out})`: an exact refactorization), an int
         :math:`1 \\le r \\le \\min(n_{in}, n_{out})`, or a tuple of such ints, one per batch slice
         of a stacked kernel (row-major over the batch shape).
-      dtype: dtype of ``a`` and ``b``. None: the kernel's dtype, except float32 for float16 and
-        bfloat16 kernels (as :class:`~effjax.peft.LoRA`).
-      in_axes, out_axes, batch_axes: the kernel's axes (see :mod:`effjax.peft.layout`).
+      dtype, in_axes, out_axes, batch_axes: as every :class:`~effjax.peft.KernelAdapter`
+        (``dtype``: of ``a`` and ``b``).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -144,14 +144,10 @@ class WeLore(KernelAxesConfig, AdapterMethod):
     """
 
     rank: int | tuple[int, ...] | None = None
-    dtype: Any = None
-    in_axes: int | tuple[int, ...] | None = None
-    out_axes: int | tuple[int, ...] | None = None
-    batch_axes: int | tuple[int, ...] = ()
 
     def __post_init__(self):
-        object.__setattr__(self, "rank", _check_rank(self.rank))
-        self._normalize_dtype_and_axes("WeLore")
+        super().__post_init__()
+        self._set(rank=_check_rank(self.rank))
 
     def slice_ranks(self, shape: Sequence[int]) -> tuple[int, ...]:
         """The rank of every batch slice of a kernel of ``shape`` (checked against it)."""
@@ -178,9 +174,6 @@ class WeLore(KernelAxesConfig, AdapterMethod):
         """The truncated SVD factors of each slice of ``w`` (``key`` is unused: deterministic);
         ``a`` sharded like ``w``'s batch / in axes and ``b`` like its batch / out axes."""
         del key
-        w = jnp.asarray(w) if not isinstance(w, jax.Array) else w
-        if not jnp.issubdtype(w.dtype, jnp.floating):
-            raise TypeError(f"WeLore needs a floating kernel, got dtype {w.dtype}")
         lay = self.layout(w.shape)
         ranks = self.slice_ranks(w.shape)
         r, dtype = max(ranks), self.adapter_dtype(w.dtype)

@@ -3,14 +3,17 @@
 Every row of every ``tests/peft/cases_*.py`` (one row per method and kernel layout; see
 :mod:`tests.peft.conformance_case`) passes the same checks: the trainable-count formula;
 ``materialize`` right after ``inject`` equals the base where the method promises it; the
-equation written plainly and jit; gradients that reach only trainable leaves (and equal those
-of the plain equation); merge == materialize; split/combine; the orbax round trip holding only
-trainable leaves; 8-device sharding; bfloat16 params.
+equation written plainly, under jit, and as ``merge``'s exported params (plain arrays of the
+original shapes and dtypes); gradients that reach only trainable leaves (and equal those of the
+plain equation); split/combine; the orbax round trip holding only trainable leaves; 8-device
+sharding; bfloat16 params (float32 adapters); bad kernels and shared config fields checked by
+the base classes.
 
 Tolerances (float32): plain equation 1e-5, jit vs eager 1e-6, gradients 1e-4 (relative and
 absolute; different summation orders of the same float32 products).
 """
 
+import dataclasses
 import os
 
 import jax
@@ -20,13 +23,16 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+import effjax.peft
 from effjax.peft import (
+    KernelAdapter,
     LoRA,
     combine,
     inject,
     load_adapters,
     materialize,
     merge,
+    registered_adapters,
     save_adapters,
     split,
     summary,
@@ -54,10 +60,11 @@ def _inject(name, dtype=jnp.float32, key=1):
                           calibration=_calibration(name, params))
 
 
-def test_every_case_module_contributes():
-    methods = {type(c.method).__name__ for c in CASES.values()}
-    assert {"LoRA", "DoRA", "VeRA", "NOLA", "Unfreeze", "RandLoRA", "MiSS", "MoS", "SVFit",
-            "LoLDU", "WeLore", "LoRAXS", "LoRASB", "LaMDA", "EVA", "CorDA"} <= methods
+def test_every_registered_method_has_rows():
+    exported = {c for c in registered_adapters().values()
+                if getattr(effjax.peft, c.__name__, None) is c}
+    assert len(exported) == 16
+    assert {type(c.method) for c in CASES.values()} == exported
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -100,8 +107,15 @@ def test_materialize_matches_the_plain_equation_and_jit(name):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
     jitted = jax.jit(materialize)(tree)["layer"]["kernel"]
     np.testing.assert_allclose(np.asarray(jitted), np.asarray(got), rtol=1e-6, atol=1e-6)
-    # inject itself under jit gives the same tree (rules closed over, key traced)
+    # merge (export): the base's own structure, plain arrays of the original shapes and dtypes
     params = params_for(case.shape)
+    merged = merge(tree)
+    assert jax.tree.structure(merged) == jax.tree.structure(params)
+    for x, y in zip(jax.tree.leaves(merged), jax.tree.leaves(params)):
+        assert type(x) is type(y) and x.shape == y.shape and x.dtype == y.dtype
+    np.testing.assert_allclose(np.asarray(merged["layer"]["kernel"]), np.asarray(want),
+                               rtol=1e-5, atol=1e-5)
+    # inject itself under jit gives the same tree (rules closed over, key traced)
     calib = _calibration(name, params)
     eager = inject(params, {RULE: case.method}, key=jax.random.key(5), calibration=calib)
     traced = jax.jit(lambda p, k: inject(p, {RULE: case.method}, key=k, calibration=calib))(
@@ -141,17 +155,6 @@ def test_grad_reaches_only_trainable_leaves_and_matches_the_equation(name):
         g = getattr(grads["layer"]["kernel"], f)
         assert float(jnp.abs(g).max()) > 0, f
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_merge_equals_materialize(name):
-    _, tree = _inject(name)
-    tree = _perturb(tree)
-    merged, mat = merge(tree), materialize(tree)
-    assert jax.tree.structure(merged) == jax.tree.structure(mat)
-    for x, y in zip(jax.tree.leaves(merged), jax.tree.leaves(mat)):
-        assert x.dtype == y.dtype
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -220,6 +223,13 @@ def test_sharded_kernel_on_8_devices(name):
 def test_bfloat16_params(name):
     case = CASES[name]
     params, tree = _inject(name, jnp.bfloat16)
+    node = tree["layer"]["kernel"]
+    if isinstance(case.method, KernelAdapter) and case.method.dtype is None:
+        # PEFT's autocast_adapter_dtype: float32 adapters on a 16-bit kernel, w kept bfloat16
+        for f in node.trainable_fields + node.frozen_fields:
+            x = getattr(node, f)
+            want_dtype = jnp.bfloat16 if f == "w" else jnp.float32
+            assert x.dtype == want_dtype or not jnp.issubdtype(x.dtype, jnp.floating), (f, x)
     out = materialize(tree)
     assert out["layer"]["kernel"].dtype == jnp.bfloat16
     base = np.asarray(params["layer"]["kernel"], np.float32)
@@ -237,6 +247,21 @@ def test_bfloat16_params(name):
     np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=case.bf16_rtol,
                                atol=1e-6)
     assert merge(tree)["layer"]["kernel"].dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_base_checks_the_kernel_and_the_shared_fields(name):
+    method = CASES[name].method
+    with pytest.raises(TypeError, match=f"{method.name} needs a floating kernel, got dtype int32"):
+        method.adapt(jax.random.key(0), jnp.ones(CASES[name].shape, jnp.int32))
+    if isinstance(method, KernelAdapter):  # normalized by KernelAdapter.__post_init__
+        m = dataclasses.replace(method, dtype="float32", out_axes=-1)
+        assert type(m.dtype) is type(jnp.dtype(jnp.float32)) and m.dtype == jnp.float32
+        assert m.out_axes == (-1,)
+        with pytest.raises(TypeError, match=f"{method.name} dtype must be a floating dtype"):
+            dataclasses.replace(method, dtype=jnp.int32)
+        with pytest.raises(TypeError, match="in_axes must be None, an int or a tuple of ints"):
+            dataclasses.replace(method, in_axes=1.5)
 
 
 def test_checkpoint_is_small_for_a_large_kernel(tmp_path):

@@ -1,10 +1,11 @@
-"""DoRA: identity at init, the equation written plainly, gradients (detached norm as PEFT),
-save/load, multi-axis and stacked kernels, and Hugging Face PEFT ``use_dora=True`` with the same
-adapter weights (outputs, merged weights and gradients).
+"""DoRA beyond the shared conformance table (``tests/peft/cases_dora.py``): the magnitude at
+init, the unit-norm direction, gradients with and without the detached norm, the zero column,
+configs, the sharded layouts, and Hugging Face PEFT ``use_dora=True`` with the same adapter
+weights (outputs, merged weights and gradients).
 
-Tolerances (float32): materialize right after inject equals W exactly (kaiming/gaussian:
-m equals the column norm bit for bit) or to 1e-5 relative (PiSSA); against the plain equation
-1e-5; PEFT outputs 1e-5, merged weights 1e-6, gradients 1e-4 relative.
+Tolerances (float32): m equals the column norm to 1e-6 relative; column norms of W' 1e-5;
+gradients against the equation 1e-4; PEFT outputs 1e-5, merged weights 1e-6, gradients 1e-4
+relative.
 """
 
 import dataclasses
@@ -13,56 +14,35 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import peft
 import pytest
 import torch
 
-from effjax.peft import (
-    combine,
-    inject,
-    load_adapters,
-    materialize,
-    merge,
-    save_adapters,
-    split,
-    summary,
-    trainable_mask,
-)
-from effjax.peft.dora import DoRA, DoRAWeight
+from effjax.peft import combine, inject, materialize, merge, split, trainable_mask
+from effjax.peft.dora import DoRA
 from effjax.selection import path_str
+from tests.peft.cases_dora import CASES as TABLE
 from tests.peft.conformance_case import params_for as _params
 from tests.peft.conformance_case import paths as _paths
 from tests.peft.conformance_case import perturb as _perturb
 
-# name: (method, shape, trainable count by hand, einsum of A B, input axes of the kernel)
-CASES = {
-    "2d": (DoRA(rank=3, alpha=6.0), (12, 10), 3 * (12 + 10) + 10, "ir,ro->io", (0,)),
-    "gauss_rs": (DoRA(rank=4, alpha=2.0, init="gaussian", rslora=True), (10, 12),
-                 4 * (10 + 12) + 12, "ir,ro->io", (0,)),
-    "qkv": (DoRA(rank=2, alpha=4.0), (16, 4, 8), 2 * (16 + 32) + 32, "ir,rhd->ihd", (0,)),
-    "out": (DoRA(rank=2, alpha=4.0, in_axes=(0, 1)), (4, 8, 16), 2 * (32 + 16) + 16,
-            "hdr,ro->hdo", (0, 1)),
-    "stacked": (DoRA(rank=2, alpha=3.0, batch_axes=0), (3, 12, 10), 3 * (2 * (12 + 10) + 10),
-                "lir,lro->lio", (1,)),
-    "stacked_out": (DoRA(rank=2, alpha=2.0, batch_axes=0, in_axes=(1, 2)), (2, 4, 8, 16),
-                    2 * (2 * (32 + 16) + 16), "lhdr,lro->lhdo", (1, 2)),
-    "pissa": (DoRA(rank=3, alpha=6.0, init="pissa"), (12, 10), 3 * (12 + 10) + 10,
-              "ir,ro->io", (0,)),
-}
-NAMES = list(CASES)
+# table row: the einsum of A B and the input axes of the kernel
+ROWS = {"dora_2d": ("ir,ro->io", (0,)), "dora_qkv": ("ir,rhd->ihd", (0,)),
+        "dora_out": ("hdr,ro->hdo", (0, 1)), "dora_stacked_out": ("lhdr,lro->lhdo", (1, 2)),
+        "dora_pissa": ("ir,ro->io", (0,))}
 
 
-def _inject(name, dtype=jnp.float32):
-    method, shape, *_ = CASES[name]
-    params = _params(shape, dtype)
-    return params, inject(params, {r"layer/kernel": method}, key=jax.random.key(1))
+def _inject(name, method=None):
+    case = TABLE[name]
+    params = _params(case.shape)
+    return params, inject(params, {r"layer/kernel": method or case.method},
+                          key=jax.random.key(1))
 
 
 def reference_kernel(name, node, detach=True):
     """m * V / ||V||_c with V = W + s einsum(a, b), the norm over the input axes."""
-    method, _, _, eq, in_axes = CASES[name]
-    v = node.w + method.scale * jnp.einsum(eq, node.a, node.b)
+    eq, in_axes = ROWS[name]
+    v = node.w + node.method.scale * jnp.einsum(eq, node.a, node.b)
     norm = jnp.sqrt(jnp.sum(v ** 2, axis=in_axes, keepdims=True))
     if detach:
         norm = jax.lax.stop_gradient(norm)
@@ -70,54 +50,30 @@ def reference_kernel(name, node, detach=True):
     return m * v / norm
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_count_and_identity_after_inject(name):
-    method, shape, expected, _, in_axes = CASES[name]
+@pytest.mark.parametrize("name", ["dora_2d", "dora_out", "dora_pissa"])
+def test_magnitude_is_the_column_norm_and_the_direction_unit_norm(name):
     params, tree = _inject(name)
-    node = tree["layer"]["kernel"]
-    assert isinstance(node, DoRAWeight)
-    n_leaves = sum(x.size for x in jax.tree.leaves(split(tree)[0]))
-    assert method.num_trainable(shape) == expected == n_leaves == summary(tree).trainable
-    w0 = np.asarray(params["layer"]["kernel"])
-    # m is the column norm of W over the input axes
-    want_m = np.sqrt(np.sum(w0.astype(np.float64) ** 2, axis=in_axes))
-    np.testing.assert_allclose(np.asarray(node.m), want_m, rtol=1e-6)
-    got = np.asarray(materialize(tree)["layer"]["kernel"])
-    assert got.dtype == w0.dtype
-    if method.init == "pissa":
-        np.testing.assert_allclose(got, w0, rtol=0, atol=1e-5 * np.abs(w0).max())
-    else:
-        np.testing.assert_array_equal(np.asarray(node.b), 0.0)
-        np.testing.assert_array_equal(got, w0)
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_materialize_matches_the_equation_and_jit(name):
-    _, tree = _inject(name)
+    in_axes = ROWS[name][1]
+    w0 = np.asarray(params["layer"]["kernel"], np.float64)
+    # m is the column norm of W over the input axes (of the reconstructed W for PiSSA)
+    np.testing.assert_allclose(np.asarray(tree["layer"]["kernel"].m),
+                               np.sqrt(np.sum(w0 ** 2, axis=in_axes)), rtol=1e-6)
+    # after training steps the column norms of W' are |m|: the direction has unit norm
     tree = _perturb(tree)
-    node = tree["layer"]["kernel"]
-    want = np.asarray(reference_kernel(name, node))
-    got = materialize(tree)["layer"]["kernel"]
-    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(jax.jit(materialize)(tree)["layer"]["kernel"]),
-                               want, rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(np.asarray(merge(tree)["layer"]["kernel"]), np.asarray(got))
-    # the column norms of W' are m (the direction is unit-norm)
-    in_axes = CASES[name][4]
-    np.testing.assert_allclose(np.sqrt(np.sum(np.asarray(got, np.float64) ** 2, axis=in_axes)),
-                               np.abs(np.asarray(node.m)), rtol=1e-5)
+    got = np.asarray(materialize(tree)["layer"]["kernel"], np.float64)
+    np.testing.assert_allclose(np.sqrt(np.sum(got ** 2, axis=in_axes)),
+                               np.abs(np.asarray(tree["layer"]["kernel"].m)), rtol=1e-5)
 
 
 @pytest.mark.parametrize("detach", [True, False])
-@pytest.mark.parametrize("name", ["out", "stacked_out"])
+@pytest.mark.parametrize("name", ["dora_out", "dora_stacked_out"])
 def test_grads_reach_only_a_b_m_and_match_the_equation(name, detach):
-    method = CASES[name][0]
+    method = TABLE[name].method
     if not detach:
         method = dataclasses.replace(method, detach_norm=False)
-    params = _params(CASES[name][1])
-    tree = _perturb(inject(params, {r"layer/kernel": method}, key=jax.random.key(1)))
+    tree = _perturb(_inject(name, method)[1])
     trainable, frozen = split(tree)
-    c = jnp.asarray(np.random.default_rng(3).standard_normal(CASES[name][1]), jnp.float32)
+    c = jnp.asarray(np.random.default_rng(3).standard_normal(TABLE[name].shape), jnp.float32)
 
     def loss(t):
         return jnp.sum(c * materialize(combine(t, frozen))["layer"]["kernel"] ** 2)
@@ -143,46 +99,21 @@ def test_grads_reach_only_a_b_m_and_match_the_equation(name, detach):
         assert np.abs(np.asarray(full) - np.asarray(grads["layer"]["kernel"].a)).max() > 1e-3
 
 
-@pytest.mark.parametrize("name", ["qkv", "stacked"])
-def test_save_load_roundtrip(name, tmp_path):
-    method, _, expected, _, _ = CASES[name]
-    params, tree = _inject(name)
-    tree = _perturb(tree)
-    save_adapters(tmp_path / "ad", tree)
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ck:
-        raw = ck.restore(tmp_path / "ad", args=ocp.args.Composite(
-            adapters=ocp.args.StandardRestore()))["adapters"]
-    assert _paths(raw) == {"layer/kernel/a", "layer/kernel/b", "layer/kernel/m"}
-    assert sum(np.asarray(x).size for x in jax.tree.leaves(raw)) == expected
-    for rules in (None, {r"layer/kernel": method}):
-        back = load_adapters(tmp_path / "ad", params, rules)
-        assert jax.tree.structure(back) == jax.tree.structure(tree)
-        for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(tree)):
-            assert x.dtype == y.dtype
-            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
-def test_bfloat16_kernel_float32_adapters():
-    params, tree = _inject("2d", jnp.bfloat16)
-    node = tree["layer"]["kernel"]
-    assert node.a.dtype == node.b.dtype == node.m.dtype == jnp.float32
-    out = materialize(tree)["layer"]["kernel"]
-    assert out.dtype == jnp.bfloat16
-    np.testing.assert_array_equal(np.asarray(out, np.float32),
-                                  np.asarray(params["layer"]["kernel"], np.float32))
-
-
 def test_zero_column_and_bad_configs():
     w = jnp.zeros((4, 3)).at[:, 0].set(1.0)
     node = DoRA(rank=1).adapt(jax.random.key(0), w)
     assert np.all(np.isfinite(np.asarray(node.materialize())))
     np.testing.assert_array_equal(np.asarray(node.materialize()), np.asarray(w))
-    with pytest.raises(ValueError, match="DoRA: LoRA rank must be >= 1"):
+    with pytest.raises(ValueError, match="DoRA rank must be >= 1"):
         DoRA(rank=0)
-    with pytest.raises(TypeError, match="detach_norm"):
+    with pytest.raises(TypeError, match="DoRA detach_norm must be a bool"):
         DoRA(detach_norm=1)
-    with pytest.raises(TypeError, match="DoRA: LoRA needs a floating kernel"):
-        DoRA(rank=1).adapt(jax.random.key(0), jnp.ones((3, 2), jnp.int32))
+    with pytest.raises(ValueError, match="DoRA init='pissa' divides .* alpha must be > 0"):
+        DoRA(init="pissa", alpha=-1.0)
+    # a DoRA config is a LoRA config plus detach_norm; its low-rank part is that LoRA
+    m = DoRA(rank=3, alpha=6.0, rslora=True, in_axes=(0, 1))
+    assert m.lora.rank == 3 and m.lora.in_axes == (0, 1) and m.lora.scale == m.scale
+    assert m.scale == 6.0 / np.sqrt(3)
 
 
 # ----------------------------------------------------------------- Hugging Face PEFT (peer)
@@ -284,3 +215,24 @@ def test_sharded_kernel_keeps_sharding():
         out = jax.jit(materialize)({"k": node})["k"]
         assert out.sharding.is_equivalent_to(w.sharding, 2)
         np.testing.assert_allclose(np.asarray(out), w_host, atol=1e-5)
+
+
+def test_sharded_qkv_kernel_values_and_the_sharding_it_gets():
+    """The table's dora_qkv row skips its sharding check: on a (d, heads, head_dim) kernel
+    sharded P('x', None, 'y') the values are right, but W' comes back sharded P('x') only
+    (DoRA works on the (d, heads * head_dim) matrix view, and 'y' on head_dim does not survive
+    that reshape). Pinned here; a fix would give P('x', None, 'y')."""
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("x", "y"))
+    spec = NamedSharding(mesh, P("x", None, "y"))
+    w = jax.device_put(_params((16, 4, 8))["layer"]["kernel"], spec)
+    tree = _perturb(inject({"k": w}, {"k": TABLE["dora_qkv"].method}, key=jax.random.key(1)))
+    assert tree["k"].w.sharding == spec and tree["k"].m.sharding == NamedSharding(
+        mesh, P(None, "y"))
+    out = jax.jit(materialize)(tree)["k"]
+    host = jax.device_get(tree["k"])
+    np.testing.assert_allclose(np.asarray(out), np.asarray(reference_kernel("dora_qkv", host)),
+                               rtol=1e-5, atol=1e-5)
+    assert out.sharding.is_equivalent_to(NamedSharding(mesh, P("x")), 3)
