@@ -22,9 +22,15 @@ precision, round-to-nearest (its ``--act_bits``, ``--act_group_size`` and ``--ac
 flags are parsed but unused), on the q/k/v/o/gate/up/down projections only (not the LM head).
 Here: ``quantize_activations(model, r'blocks/.*', bits=4, group_size=256, outliers=2)``.
 
-Which axes form a "token's features": the axes the layer contracts, i.e. ``-1`` for
-``nnx.Linear`` / ``nn.Dense`` and ``layer.axis`` for ``nnx.LinearGeneral`` / ``nn.DenseGeneral``
-(an attention output projection contracting ``(heads, head_dim)`` gets one scale per token).
+Which axes form a "token's features": the axes the layer contracts with its kernel, i.e.
+``-1`` for ``nnx.Linear`` / ``nn.Dense``, ``layer.axis`` for ``nnx.LinearGeneral`` /
+``nn.DenseGeneral`` (an attention output projection contracting ``(heads, head_dim)`` gets one
+scale per token) and the contracted letters of an ``Einsum``.
+
+:func:`quantize_activations` (NNX) and :func:`linen_activation_fake_quant` (Linen) attach the
+hook :class:`FakeQuantActivations` through the layer interception of
+:mod:`effjax.nn.interception`: the layers keep their classes and parameter paths and quantize
+the input their kernel contracts (after the layer's dtype promotion).
 
 References:
   Huang et al., "Stable-SPAM: How to Train in 4-Bit More Stably than 16-Bit Adam",
@@ -35,8 +41,9 @@ References:
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Sequence
+import dataclasses
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import flax.linen as nn
@@ -45,10 +52,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from effjax.compress import fake_quantize
+from effjax.nn.interception import intercept, layer_hooks, linen_intercept
 from effjax.selection import no_selection_message, path_str, selector
 
 __all__ = [
     "fake_quantize_activations",
+    "FakeQuantActivations",
     "ActivationFakeQuant",
     "quantize_activations",
     "linen_activation_fake_quant",
@@ -102,12 +111,50 @@ def _contracted_axes(layer: Any) -> int | tuple[int, ...]:
     return tuple(axis) if isinstance(axis, (list, tuple)) else int(axis)
 
 
+@dataclasses.dataclass(frozen=True)
+class FakeQuantActivations:
+    """Layer hook (:mod:`effjax.nn.interception`): the contraction runs on the per-token fake
+    quantization :math:`\\hat x` of its input, over the axes the kernel contracts (identity
+    STE gradient); :func:`quantize_activations` and :func:`linen_activation_fake_quant` attach it.
+
+    Args:
+      bits: 2..16 (checked when the hook is made).
+      group_size, outliers: see :func:`fake_quantize_activations`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from effjax.nn import intercept
+      >>> layer = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+      >>> x = jnp.array([[1.0, -0.5, 0.25]])
+      >>> y = intercept(layer, FakeQuantActivations(bits=4))(x)
+      >>> bool(jnp.allclose(y, layer(fake_quantize_activations(x, 4))))
+      True
+    """
+
+    bits: int
+    group_size: int | None = None
+    outliers: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "bits", int(self.bits))
+        object.__setattr__(self, "outliers", int(self.outliers))
+        _validate(self.bits, self.group_size, self.outliers)
+
+    def __call__(self, call: Any, next: Callable) -> jax.Array:
+        xq = fake_quantize_activations(call.inputs, self.bits, axis=call.contracted_axes,
+                                       group_size=self.group_size, outliers=self.outliers)
+        return next(call.replace(inputs=xq))
+
+
 class ActivationFakeQuant(nnx.Module):
-    """Wrap an NNX layer so that its input is fake-quantized per token: ``inner(Q(x))``.
+    """Wrap an NNX module (any callable) so that its input is fake-quantized per token:
+    ``inner(Q(x))``.
 
     The wrapped layer lives at ``self.inner`` (its parameter paths gain ``/inner``). The token
     axes default to the layer's contracted axes (``inner.axis`` for ``nnx.LinearGeneral``,
-    ``-1`` otherwise).
+    ``-1`` otherwise). For linear layers :func:`quantize_activations` does the same without a
+    wrapper (paths unchanged).
 
     Args:
       inner: any NNX module (or callable) taking the activation as first argument.
@@ -152,13 +199,15 @@ def quantize_activations(
 ) -> nnx.Module:
     """Return a copy of an NNX model whose linear layers fake-quantize their inputs per token.
 
-    Every submodule of ``layer_types`` (default ``nnx.Linear`` and ``nnx.LinearGeneral``) whose
-    ``'/'``-joined module path (e.g. ``'blocks/0/query'``, ``'head'``) is selected by ``where`` is
-    replaced by :class:`ActivationFakeQuant` ``(layer, bits)``: :math:`y = f(\\hat x)` with
-    :math:`\\hat x` the per-token fake quantization of the layer's input. The input model is not
-    modified (the copy shares the parameter arrays, which are immutable); layers already wrapped
-    are left as they are. Parameter paths of wrapped layers gain ``/inner``
-    (``blocks/0/query/inner/kernel``).
+    Every layer of ``layer_types`` (default ``nnx.Linear`` and ``nnx.LinearGeneral``;
+    ``nnx.Einsum`` is supported too) whose ``'/'``-joined module path (e.g.
+    ``'blocks/0/query'``, ``'head'``) is selected by ``where`` is intercepted
+    (:func:`effjax.nn.interception.intercept`) with the hook :class:`FakeQuantActivations`:
+    :math:`y = f(\\hat x)` with :math:`\\hat x` the per-token fake quantization of the input
+    its kernel contracts. The layers keep their classes and parameter paths
+    (``blocks/0/query/kernel``); the input model is not modified (the copy shares the parameter
+    arrays, which are immutable). Layers that already quantize their inputs are left as they
+    are.
 
     Args:
       model: an NNX module.
@@ -166,7 +215,8 @@ def quantize_activations(
         predicate ``(path, module) -> bool``.
       bits: 2..16.
       group_size, outliers: see :func:`fake_quantize_activations`.
-      layer_types: the module classes to wrap.
+      layer_types: the layer classes to quantize (subclasses of ``nnx.Linear``,
+        ``nnx.LinearGeneral`` or ``nnx.Einsum``).
 
     Raises:
       ValueError: ``where`` selects no layer (the message lists the candidate layer paths).
@@ -174,6 +224,7 @@ def quantize_activations(
     Example:
       >>> import jax.numpy as jnp
       >>> from flax import nnx
+      >>> from effjax.nn import layer_hooks
       >>> class MLP(nnx.Module):
       ...   def __init__(self, rngs):
       ...     self.up, self.down = nnx.Linear(4, 8, rngs=rngs), nnx.Linear(8, 2, rngs=rngs)
@@ -181,40 +232,33 @@ def quantize_activations(
       ...     return self.down(nnx.relu(self.up(x)))
       >>> model = MLP(nnx.Rngs(0))
       >>> qmodel = quantize_activations(model, r'down', bits=4)
-      >>> type(qmodel.down).__name__, type(qmodel.up).__name__, type(model.down).__name__
-      ('ActivationFakeQuant', 'Linear', 'Linear')
+      >>> layer_hooks(qmodel.down), layer_hooks(qmodel.up), layer_hooks(model.down)
+      ((FakeQuantActivations(bits=4, group_size=None, outliers=0),), None, None)
       >>> qmodel(jnp.ones((3, 4))).shape
       (3, 2)
     """
+    hook = FakeQuantActivations(bits, group_size, outliers)
     select = selector(where)
     new = nnx.clone(model)
     modules = dict(nnx.iter_modules(new))
-    candidates, targets = [], []
+    candidates, targets = [], set()
     for path, module in modules.items():
         if not isinstance(module, layer_types):
             continue
-        if path and isinstance(modules.get(path[:-1]), ActivationFakeQuant):
-            continue  # already wrapped
+        wrapped = bool(path) and isinstance(modules.get(path[:-1]), ActivationFakeQuant)
+        if wrapped or any(isinstance(h, FakeQuantActivations)
+                          for h in layer_hooks(module) or ()):
+            continue  # already quantized
         candidates.append(path)
         if select(path_str(path), module):
-            targets.append(path)
+            targets.add(id(module))
     if not targets:
         kind = f"{'/'.join(t.__name__ for t in layer_types)} layers"
         raise ValueError(no_selection_message(where, [path_str(p) for p in candidates], kind))
-    wrap = lambda layer: ActivationFakeQuant(layer, bits, group_size=group_size,
-                                             outliers=outliers)
-    for path in targets:
-        if not path:
-            return wrap(new)
-        parent, key = modules[path[:-1]], path[-1]
-        if isinstance(key, int):
-            parent[key] = wrap(modules[path])
-        else:
-            setattr(parent, key, wrap(modules[path]))
-    return new
+    return intercept(new, hook, lambda path, module: id(module) in targets,
+                     layer_types=layer_types, copy=False)
 
 
-@contextlib.contextmanager
 def linen_activation_fake_quant(
     bits: int,
     where: Where = None,
@@ -222,12 +266,14 @@ def linen_activation_fake_quant(
     group_size: int | None = None,
     outliers: int = 0,
     layer_types: tuple[type, ...] = (nn.Dense, nn.DenseGeneral),
-) -> Iterator[None]:
+) -> AbstractContextManager[None]:
     """Context in which Linen ``nn.Dense`` / ``nn.DenseGeneral`` calls see fake-quantized inputs.
 
-    Uses ``flax.linen.intercept_methods``: inside the context the input of every selected
-    layer's ``__call__`` is replaced by its per-token fake quantization (over ``-1`` for
-    ``nn.Dense``, over ``layer.axis`` for ``nn.DenseGeneral``), identity STE gradient.
+    :func:`effjax.nn.interception.linen_intercept` with the hook
+    :class:`FakeQuantActivations`: inside the context the input every selected layer's kernel
+    contracts is replaced by its per-token fake quantization (over ``-1`` for ``nn.Dense``, over
+    ``layer.axis`` for ``nn.DenseGeneral``, the contracted letters for ``nn.Einsum``), identity
+    STE gradient. ``init`` is not quantized.
 
     The interception happens when the model is **traced**: put the ``with`` inside the function
     you ``jax.jit``, not around a call to an already-compiled function (a cached trace made
@@ -238,7 +284,8 @@ def linen_activation_fake_quant(
       where: None (every layer), a regex fullmatched against the module path
         (``'Dense_0'``, ``'block/mlp/up'``), or a predicate ``(path, module) -> bool``.
       group_size, outliers: see :func:`fake_quantize_activations`.
-      layer_types: the Linen module classes to intercept.
+      layer_types: the Linen module classes to intercept (subclasses of ``nn.Dense``,
+        ``nn.DenseGeneral`` or ``nn.Einsum``).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -251,21 +298,5 @@ def linen_activation_fake_quant(
       >>> bool(jnp.allclose(y, model.apply(variables, fake_quantize_activations(x, 4))))
       True
     """
-    select = selector(where)
-    _validate(bits, group_size, outliers)
-
-    def interceptor(next_fun, args, kwargs, context):
-        module = context.module
-        if (context.method_name == "__call__" and isinstance(module, layer_types)
-                and select(path_str(module.path), module)):
-            axis = _contracted_axes(module) if isinstance(module, nn.DenseGeneral) else -1
-            quant = lambda x: fake_quantize_activations(x, bits, axis=axis,
-                                                        group_size=group_size, outliers=outliers)
-            if args:
-                args = (quant(args[0]),) + tuple(args[1:])
-            elif "inputs" in kwargs:
-                kwargs = {**kwargs, "inputs": quant(kwargs["inputs"])}
-        return next_fun(*args, **kwargs)
-
-    with nn.intercept_methods(interceptor):
-        yield
+    return linen_intercept(FakeQuantActivations(bits, group_size, outliers), where,
+                           layer_types=layer_types)

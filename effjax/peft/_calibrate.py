@@ -2,7 +2,9 @@
 
 :func:`calibrate` runs a model on a few batches, intercepts the inputs :math:`x_t` of its
 linear layers (Flax Linen ``nn.Dense`` / ``nn.DenseGeneral`` / ``nn.Einsum``; Flax NNX
-``nnx.Linear`` / ``nnx.LinearGeneral`` / ``nnx.Einsum``) and accumulates, per layer kernel,
+``nnx.Linear`` / ``nnx.LinearGeneral`` / ``nnx.Einsum``; through the layer interception of
+:mod:`effjax.nn.interception`, so the input is the one the kernel contracts, after the layer's
+dtype promotion) and accumulates, per layer kernel,
 
 .. math::
 
@@ -37,9 +39,6 @@ intercepted this way; stacked (scanned) kernels are not supported by :func:`cali
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -139,120 +138,32 @@ def _zero_stats(n_in: int) -> InputStats:
                       sum=jnp.zeros((n_in,), jnp.float32), count=jnp.zeros((), jnp.float32))
 
 
-# --- which axes of a layer's input the kernel contracts ---------------------------------------
+# --- recording the inputs of the layers' kernels ---------------------------------------------
 
-def _norm_axes(axes: Any, ndim: int, where: str) -> tuple[int, ...]:
-    axes = (axes,) if isinstance(axes, (int, np.integer)) else tuple(axes)
-    out = []
-    for a in axes:
-        if not -ndim <= a < ndim:
-            raise ValueError(f"{where}: axis {a} is out of range for an input of {ndim} dims")
-        out.append(int(a) % ndim)
-    return tuple(out)
+def _recorder(record: Callable) -> Callable:
+    """A layer hook (:mod:`effjax.nn.interception`, installed innermost: it sees what other
+    hooks, e.g. activation fake quantization, pass on) that reports ``(kernel path, x, k)``:
+    the input the kernel contracts, moved so that its ``k`` contracted axes come last in the
+    kernel's axis order (a ``LinearGeneral`` output projection contracting ``(heads,
+    head_dim)`` gives ``heads * head_dim`` features per position)."""
 
+    def hook(call, next):
+        path = f"{call.path}/kernel" if call.path else "kernel"
+        where = f"layer '{path}' ({call.layer.__name__})"
+        if call.batch_axes:
+            raise ValueError(f"{where}: the kernel has batch axes shared with the input and "
+                             f"output (stacked kernels / experts, input axes "
+                             f"{call.batch_axes}); calibrate does not support per-slice "
+                             f"statistics")
+        axes = call.contracted_axes
+        if not axes:
+            raise ValueError(f"{where}: the layer contracts no input axis with the kernel")
+        x = jnp.asarray(call.inputs)
+        order = [a for a in range(x.ndim) if a not in axes] + list(axes)
+        record(path, x if order == list(range(x.ndim)) else jnp.transpose(x, order), len(axes))
+        return next(call)
 
-def _dense_general_inputs(x: jax.Array, axis: Any, batch: Any, where: str):
-    """``x`` with the contracted axes (in ``axis`` order = the kernel's input axes) last."""
-    if batch:
-        raise ValueError(f"{where}: DenseGeneral/LinearGeneral with batch axes {batch} (stacked "
-                         f"kernels) is not supported by calibrate")
-    axis = _norm_axes(axis, x.ndim, where)
-    rest = [a for a in range(x.ndim) if a not in axis]
-    return jnp.transpose(x, rest + list(axis)), len(axis)
-
-
-def _einsum_inputs(x: jax.Array, spec: str, where: str):
-    """``x`` with the axes it contracts with the kernel last, in the kernel's axis order."""
-    s = spec.replace(" ", "")
-    m = re.fullmatch(r"([a-zA-Z]+),([a-zA-Z]+)->([a-zA-Z]*)", s)
-    if m is None:
-        raise ValueError(f"{where}: einsum string {spec!r} is not supported by calibrate "
-                         f"(needs 'input,kernel->output' with letters only, no ellipsis)")
-    xs, ks, os_ = m.groups()
-    if len(xs) != x.ndim:
-        raise ValueError(f"{where}: einsum {spec!r} names {len(xs)} input axes, the input has "
-                         f"shape {x.shape}")
-    shared = [c for c in ks if c in xs and c in os_]
-    if shared:
-        raise ValueError(f"{where}: einsum {spec!r} has kernel axes {shared} that are also "
-                         f"batch axes of the input and output (stacked kernels / experts); "
-                         f"calibrate does not support per-slice statistics")
-    contracted = [c for c in ks if c in xs and c not in os_]
-    if not contracted:
-        raise ValueError(f"{where}: einsum {spec!r} contracts no input axis with the kernel")
-    order = [i for i, c in enumerate(xs) if c not in contracted] + [xs.index(c)
-                                                                     for c in contracted]
-    return jnp.transpose(x, order), len(contracted)
-
-
-def _first_arg(args: tuple, kwargs: dict, name: str = "inputs") -> Any:
-    return args[0] if args else kwargs[name]
-
-
-def _linen_record(record: Callable) -> Callable:
-    import flax.linen as nn
-
-    def interceptor(next_fun, args, kwargs, context):
-        mod = context.module
-        if context.method_name == "__call__" and isinstance(
-                mod, (nn.Dense, nn.DenseGeneral, nn.Einsum)):
-            path = "/".join(str(p) for p in mod.path) + "/kernel"
-            x = jnp.asarray(_first_arg(args, kwargs))
-            where = f"layer '{path}' ({type(mod).__name__})"
-            if isinstance(mod, nn.Dense):
-                record(path, x, 1)
-            elif isinstance(mod, nn.DenseGeneral):
-                record(path, *_dense_general_inputs(x, mod.axis, tuple(mod.batch_dims), where))
-            else:
-                spec = args[1] if len(args) > 1 else kwargs.get("einsum_str") or mod.einsum_str
-                record(path, *_einsum_inputs(x, spec, where))
-        return next_fun(*args, **kwargs)
-
-    return nn.intercept_methods(interceptor)
-
-
-@contextlib.contextmanager
-def _nnx_record(model: Any, record: Callable):
-    """Patch ``nnx.Linear/LinearGeneral/Einsum.__call__`` to report the inputs of ``model``'s
-    layers (by object identity); the classes are restored on exit, also on error."""
-    from flax import nnx
-
-    paths = {}
-    for p, mod in nnx.iter_modules(model):
-        if isinstance(mod, (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)) and id(mod) not in paths:
-            paths[id(mod)] = "/".join(str(k) for k in p) + "/kernel"
-
-    def handle(self, args, kwargs):
-        path = paths.get(id(self))
-        if path is None:
-            return
-        x = jnp.asarray(_first_arg(args, kwargs))
-        where = f"layer '{path}' ({type(self).__name__})"
-        if isinstance(self, nnx.Einsum):
-            spec = args[1] if len(args) > 1 else kwargs.get("einsum_str") or self.einsum_str
-            record(path, *_einsum_inputs(x, spec, where))
-        elif isinstance(self, nnx.LinearGeneral):
-            record(path, *_dense_general_inputs(x, self.axis, tuple(self.batch_axis), where))
-        else:
-            record(path, x, 1)
-
-    classes = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
-    originals = {cls: cls.__dict__["__call__"] for cls in classes}
-
-    def wrap(orig):
-        @functools.wraps(orig)
-        def call(self, *args, **kwargs):
-            handle(self, args, kwargs)
-            return orig(self, *args, **kwargs)
-        return call
-
-    try:
-        for cls, orig in originals.items():
-            cls.__call__ = wrap(orig)
-        yield
-    finally:
-        for cls, orig in originals.items():
-            cls.__call__ = orig
+    return hook
 
 
 # --- target selection --------------------------------------------------------------------------
@@ -365,6 +276,8 @@ def calibrate(model: Any, batches: Iterable[Any], *, targets: Any = None,
     import flax.linen as nn
     from flax import nnx
 
+    from effjax.nn.interception import intercept, linen_intercept
+
     if isinstance(model, nnx.Module):
         if variables is not None:
             raise TypeError("variables is for Linen models; an NNX model carries its state")
@@ -373,9 +286,9 @@ def calibrate(model: Any, batches: Iterable[Any], *, targets: Any = None,
         fwd = forward or (lambda m, b: m(b))
 
         def run(st, batch, record):
-            m = nnx.merge(graphdef, st)
-            with _nnx_record(m, record):
-                fwd(m, batch)
+            # a private copy, merged inside the traced function: its layers get the hook
+            fwd(intercept(nnx.merge(graphdef, st), _recorder(record), inner=True,
+                          copy=False), batch)
     elif isinstance(model, nn.Module):
         if not isinstance(variables, Mapping) or "params" not in variables:
             raise TypeError("a Linen model needs variables={'params': params, ...} (a mapping "
@@ -385,7 +298,7 @@ def calibrate(model: Any, batches: Iterable[Any], *, targets: Any = None,
         fwd = forward or (lambda v, b: model.apply(v, b))
 
         def run(st, batch, record):
-            with _linen_record(record):
+            with linen_intercept(_recorder(record), inner=True):
                 fwd(st, batch)
     else:
         raise TypeError(f"model must be a flax.nnx.Module or a flax.linen.Module, got "

@@ -11,12 +11,15 @@ from flax import nnx
 
 from effjax.compress.fake_quant import FakeQuant, fake_quantize_params
 from effjax.models import CharTransformer, CharTransformerConfig, next_token_loss
+from effjax.nn import layer_hooks
 from effjax.nn.fake_quant import (
     ActivationFakeQuant,
+    FakeQuantActivations,
     fake_quantize_activations,
     linen_activation_fake_quant,
     quantize_activations,
 )
+from effjax.selection import path_str
 
 
 def np_per_token(x, bits, n_feature_axes=1):
@@ -112,8 +115,14 @@ def char_setup():
 
 
 def _wrapped_paths(model):
-    return sorted("/".join(map(str, p)) for p, m in nnx.iter_modules(model)
-                  if isinstance(m, ActivationFakeQuant))
+    """Paths of the layers whose inputs are fake-quantized (an interception hook)."""
+    return sorted(path_str(p) for p, m in nnx.iter_modules(model)
+                  if any(isinstance(h, FakeQuantActivations) for h in layer_hooks(m) or ()))
+
+
+def _param_paths(model):
+    return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(
+        nnx.state(model, nnx.Param))[0]]
 
 
 def test_char_transformer_rewrite(char_setup):
@@ -123,13 +132,14 @@ def test_char_transformer_rewrite(char_setup):
     q4, q8 = quantize_activations(model, bits=4), quantize_activations(model, bits=8)
     assert _wrapped_paths(q4) == ["blocks/0/down", "blocks/0/key", "blocks/0/out",
                                   "blocks/0/query", "blocks/0/up", "blocks/0/value", "head"]
-    assert isinstance(model.blocks[0].query, nnx.LinearGeneral)  # the input is not modified
-    assert _wrapped_paths(model) == []
+    assert type(q4.blocks[0].query) is nnx.LinearGeneral  # same classes, same param paths
+    assert _param_paths(q4) == _param_paths(model)
+    assert _wrapped_paths(model) == []  # the input model is not modified
     np.testing.assert_array_equal(np.asarray(forward(model)), np.asarray(y_f))
     err4, err8 = (float(jnp.linalg.norm(forward(q) - y_f) / jnp.linalg.norm(y_f))
                   for q in (q4, q8))
     assert 0 < err8 < 0.03 and 4 * err8 < err4 < 0.3, (err4, err8)
-    # same parameters (shared arrays), under new paths
+    # same parameters (shared arrays)
     assert sum(x.size for x in jax.tree.leaves(nnx.state(q4, nnx.Param))) == \
         sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
@@ -138,8 +148,8 @@ def test_char_transformer_w4a4_gradients_reach_every_param(char_setup):
     model, tokens = char_setup
     qmodel = quantize_activations(model, bits=4)
     graphdef, params, rest = nnx.split(qmodel, nnx.Param, ...)
-    rules = {r"blocks/\d+/(query|key|value)/inner/kernel": FakeQuant(channel_axis=(-2, -1)),
-             r".*/inner/kernel": FakeQuant()}
+    rules = {r"blocks/\d+/(query|key|value)/kernel": FakeQuant(channel_axis=(-2, -1)),
+             r".*/kernel": FakeQuant()}
     loss = lambda p: next_token_loss(nnx.merge(graphdef, fake_quantize_params(p, rules), rest),
                                      tokens)
     grads = jax.jit(jax.grad(loss))(params)
@@ -172,14 +182,15 @@ def test_where_matching_nothing_lists_layer_paths(char_setup):
 def test_already_wrapped_layers_are_not_wrapped_twice(char_setup):
     model, _ = char_setup
     twice = quantize_activations(quantize_activations(model, "head", bits=8), bits=4)
-    assert isinstance(twice.head.inner, nnx.Linear) and twice.head.bits == 8
-    assert isinstance(twice.blocks[0].up, ActivationFakeQuant) and twice.blocks[0].up.bits == 4
+    assert layer_hooks(twice.head) == (FakeQuantActivations(bits=8),)
+    assert layer_hooks(twice.blocks[0].up) == (FakeQuantActivations(bits=4),)
 
 
 def test_wrapping_the_root_layer():
     layer = nnx.Linear(4, 2, rngs=nnx.Rngs(0))
     wrapped = quantize_activations(layer, bits=4)
-    assert isinstance(wrapped, ActivationFakeQuant) and wrapped.inner is not layer
+    assert wrapped is not layer and layer_hooks(wrapped) == (FakeQuantActivations(bits=4),)
+    assert layer_hooks(layer) is None
     x = jnp.asarray(_x((3, 4), seed=6))
     np.testing.assert_allclose(np.asarray(wrapped(x)),
                                np.asarray(layer(jnp.asarray(np_per_token(np.asarray(x), 4)))),

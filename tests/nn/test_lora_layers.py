@@ -23,6 +23,7 @@ from effjax.nn import (
     adapted_einsum,
     adapted_layers,
     has_low_rank_factors,
+    is_intercepted,
     linen_adapted_layers,
 )
 from effjax.peft import (
@@ -128,7 +129,7 @@ def test_adapted_einsum_matches_materialize(kind, case):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_input_gradient_matches_materialize(case):
-    """The fast path's hand-written backward pass (effjax.nn.lora_layers._low_rank_bwd) also
+    """The fast path's hand-written backward pass (effjax.nn._lowrank._low_rank_bwd) also
     gives the input's cotangent: dx = g W^T + (g B^T) A^T, as autodiff of the dense kernel."""
     shape, spec, x_shape, axes = CASES[case]
     rng = np.random.default_rng(2)
@@ -199,9 +200,10 @@ def _nnx_rules(kind):
 def test_char_transformer_fast_path_matches_materialize(kind):
     model = CharTransformer(CFG, rngs=nnx.Rngs(0))
     fast_model = adapted_layers(model)
-    assert type(model.blocks[0].query) is nnx.LinearGeneral  # the input model is unchanged
-    assert type(fast_model.blocks[0].query) is AdaptedLinearGeneral
-    assert type(fast_model.blocks[0].up) is AdaptedLinear
+    assert not is_intercepted(model.blocks[0].query)  # the input model is unchanged
+    # same classes (no class swap), intercepted
+    assert type(fast_model.blocks[0].query) is nnx.LinearGeneral
+    assert is_intercepted(fast_model.blocks[0].query) and is_intercepted(fast_model.blocks[0].up)
     g_slow, params, rest = nnx.split(model, nnx.Param, ...)
     g_fast, params_fast, rest_fast = nnx.split(fast_model, nnx.Param, ...)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 11, (3, 9)), jnp.int32)
@@ -231,8 +233,8 @@ def test_bert_fast_path_matches_materialize():
                      intermediate_size=32)
     model = BertModel(cfg, rngs=nnx.Rngs(0))
     fast_model = adapted_layers(model, r"layers/\d+/(query|value|intermediate)")
-    assert type(fast_model.layers[0].query) is AdaptedLinear
-    assert type(fast_model.layers[0].key) is nnx.Linear  # not selected
+    assert is_intercepted(fast_model.layers[0].query)
+    assert not is_intercepted(fast_model.layers[0].key)  # not selected
     g_slow, params, rest = nnx.split(model, nnx.Param, ...)
     g_fast, _, rest_fast = nnx.split(fast_model, nnx.Param, ...)
     rules = {r"layers/\d+/(query|value|intermediate)/kernel": LoRA(rank=4, alpha=8.0)}
@@ -249,7 +251,9 @@ def test_bert_fast_path_matches_materialize():
 def test_nnx_einsum_stacked_and_in_place():
     layer = nnx.Einsum("ebi,eio->ebo", (3, 8, 10), (3, 1, 10), rngs=nnx.Rngs(0))
     same = adapted_layers(layer, copy=False)
-    assert same is layer and type(layer) is AdaptedEinsum
+    assert same is layer and type(layer) is nnx.Einsum and is_intercepted(layer)
+    assert is_intercepted(AdaptedEinsum("ebi,eio->ebo", (3, 8, 10), (3, 1, 10),
+                                        rngs=nnx.Rngs(0)))
     graphdef, params = nnx.split(layer)
     tree = _randomize(inject(params, {"kernel": LoRA(rank=2, batch_axes=(0,))},
                              key=jax.random.key(0)))

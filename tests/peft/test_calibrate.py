@@ -16,6 +16,7 @@ from flax import nnx
 
 from effjax.models import CharTransformer, CharTransformerConfig
 from effjax.models.bert import BertConfig, BertModel
+from effjax.nn import is_intercepted, linen_intercept
 from effjax.peft import AdapterMethod, InputStats, LoRA, calibrate, input_stats
 
 RTOL, ATOL = 1e-5, 1e-4
@@ -234,20 +235,49 @@ def test_mask_of_wrong_shape_names_the_layer():
                   forward=lambda m, b: m.pool(m(b)), mask=lambda b: b != 0)
 
 
-def test_nnx_classes_are_restored_even_on_error():
+def test_calibrate_patches_no_class_and_leaves_models_plain():
+    """calibrate hooks the layers of its own merged copy of the model (effjax.nn.interception):
+    the Flax classes' ``__call__`` are the same objects before, during (inside the forward
+    pass) and after, also when the forward pass raises; the model is not intercepted."""
     model = NNXMLP(nnx.Rngs(0))
-    calls = {c: c.__dict__["__call__"] for c in (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)}
+    calls = {c: c.__dict__["__call__"] for c in (nnx.Linear, nnx.LinearGeneral, nnx.Einsum,
+                                                 nn.Dense, nn.DenseGeneral, nn.Einsum)}
+    unpatched = lambda: all(c.__dict__["__call__"] is f for c, f in calls.items())
+    during = []
+
+    def forward(m, x):
+        during.append(unpatched() and is_intercepted(m.up))
+        return m(x)
 
     def boom(m, x):
         m.up(x)
         raise RuntimeError("boom")
 
     for jit in (True, False):
+        calibrate(model, _batches((2, 4), n=1), forward=forward, jit=jit)
         with pytest.raises(RuntimeError, match="boom"):
             calibrate(model, _batches((2, 4), n=1), forward=boom, jit=jit)
-        assert all(c.__dict__["__call__"] is f for c, f in calls.items())
-    calibrate(model, _batches((2, 4), n=1))
-    assert all(c.__dict__["__call__"] is f for c, f in calls.items())
+        assert unpatched()
+    assert during and all(during)
+    assert not any(is_intercepted(m) for _, m in nnx.iter_modules(model))
+    stats = calibrate(model, _batches((2, 4), n=1))
+    assert list(stats) == ["up/kernel", "down/kernel"]
+
+    net = LinenNet()  # Linen: the interception context is gone after an error
+    xs = _batches((2, 5, 6), n=1)
+    variables = net.init(jax.random.key(0), xs[0])
+
+    def linen_boom(v, x):
+        net.apply(v, x)
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        calibrate(net, xs, variables=variables, forward=linen_boom)
+    assert unpatched()
+    seen = []
+    with linen_intercept(lambda call, next: seen.append(call.path) or next(call)):
+        net.apply(variables, xs[0])
+    assert seen == ["up", "split", "merge", "ein"]  # only this context's hook
 
 
 def test_other_errors():
