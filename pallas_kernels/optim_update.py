@@ -44,9 +44,9 @@ runs the kernel with ``apply=True``: it writes ``p + update`` over ``p`` and the
 absmax over the old ones (``input_output_aliases``). On the H100: 0.75-0.77x ``optax.adamw``'s
 step time, vs 1.16x for ``update`` + ``apply_updates``.
 
-Many leaves: :func:`fused_lowbit` launches one kernel per quantized leaf. Measured on the H100
-(72 leaves, 151M elements, ``experiments/bench_kernels.py --multi-leaf``): per-leaf launches
-2.94 ms, one launch over the concatenated leaves 5.76 ms (the concatenation and split cost
+Many leaves: ``effjax.optim``'s fused step launches one kernel per quantized leaf. Measured on
+the H100 (72 leaves, 151M elements, ``experiments/bench_kernels.py --multi-leaf``): per-leaf
+launches 2.94 ms, one launch over the concatenated leaves 5.76 ms (the concatenation and split cost
 more than the launches save), one leaf of the same size 1.70 ms. A flat state layout could
 approach the last figure but would change the state pytree (checkpoints), so it is not done.
 
@@ -58,21 +58,18 @@ the rule on the whole leaf for the update, a loop over cache-sized chunks for th
 requantization) runs on large 8-bit leaves (:func:`chunk_pays`), the unfused jnp step on the
 rest.
 
-Leaves below ``min_quantized_size`` (float32 state) and all counters are left to the jnp
-transform: :func:`fused_lowbit` runs the jnp update and substitutes the kernel's results for the
-quantized leaves; under ``jax.jit`` (the update is jitted) XLA drops the unused jnp work.
+Which of these runs for a leaf, and everything optax (the state, counters, schedules, small
+float32 leaves), is decided in ``effjax.optim`` (``effjax/optim/_fused.py``); the kernels here
+take arrays, scalars and a rule.
 """
 
 from __future__ import annotations
 
 import functools
-import weakref
-from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.experimental import pallas as pl
 
 from effjax.quant import QuantizedArray, dequantize_blockwise, quantize_blockwise
@@ -80,9 +77,8 @@ from pallas_kernels import blockwise as bw
 
 __all__ = [
     "adam_rule", "lion_rule", "sgd_rule", "fused_update", "fused_update_reference",
-    "fused_update_chunked", "chunk_pays", "fused_lowbit", "kernel_available", "select_path",
-    "apply_step_of",
-    "FusedSpec",
+    "fused_update_chunked", "chunk_pays", "float32_scales", "kernel_available",
+    "VALIDATED_BACKENDS",
 ]
 
 
@@ -196,7 +192,8 @@ def fused_update_reference(rule, g, p, moments, scalars, *, name="<leaf>"):
 CHUNK_ELEMS = 2**16
 
 
-#: 8-bit leaves from this many elements take the chunked step in ``fused_lowbit(chunked=True)``;
+#: 8-bit leaves from this many elements take the chunked step (``effjax.optim``'s ``"chunked"``
+#: path);
 #: smaller ones (and 4-bit leaves) keep the unfused jnp step, which was as fast or faster in
 #: measurements on the 2-core CI machine (single leaves, min of 15 steps, ratio
 #: to optax.adamw; unfused / chunked): 8-bit 1M elements 6.2x / 10.0x, 4M 11.1x / 6.0x,
@@ -205,7 +202,7 @@ CHUNK_MIN_ELEMS = 2**22
 
 
 def chunk_pays(q: QuantizedArray) -> bool:
-    """Whether ``fused_lowbit(chunked=True)`` runs :func:`fused_update_chunked` on a leaf with
+    """Whether the chunked path runs :func:`fused_update_chunked` on a leaf with
     moment ``q`` (8-bit, at least :data:`CHUNK_MIN_ELEMS` elements)."""
     return q.bits == 8 and q.size >= CHUNK_MIN_ELEMS
 
@@ -233,7 +230,7 @@ def fused_update_chunked(rule, g, p, moments, scalars, *, chunk_elems: int | Non
     through the public optimizers). Leaves whose blocks cannot be viewed as rows without a copy
     (a padded last block, or 4-bit codes with an odd last axis) run the reference as a whole.
     The loop slices the leaf's flattened blocks, so on a sharded leaf XLA gathers it: the
-    optimizers pick this step only in single-device processes (:func:`select_path`).
+    optimizers pick this step only in single-device processes (``effjax.optim``'s ``select_path``).
 
     Example:
       >>> import jax.numpy as jnp
@@ -449,227 +446,3 @@ def kernel_available() -> bool:
     named explicitly (JAX 0.11's default for ``pallas_call``; JAX 0.10 defaulted to Mosaic GPU,
     whose ``pallas_call`` path is deprecated and does not take these tiles)."""
     return jax.default_backend() in VALIDATED_BACKENDS
-
-
-def select_path(use_kernel: bool | None, *, name: str, has_kernel: bool = True) -> str | None:
-    """Which step an ``effjax.optim`` alias runs: ``"pallas"`` (the fused kernel),
-    ``"native"`` (the C++ CPU kernel, :mod:`pallas_kernels.native_cpu`), ``"chunked"``
-    (:func:`fused_update_chunked`, the fused step in jnp) or ``None`` (the unfused jnp path
-    of :func:`effjax.optim.quantize_state`).
-
-    ``use_kernel=True``: the kernel (interpret mode on CPU: slow, for testing). ``False``: the
-    unfused jnp path. ``None`` (auto), for optimizers that have a fused step, in a process with
-    one device: the kernel on :data:`VALIDATED_BACKENDS`; on a CPU the native kernel where it
-    builds (:func:`pallas_kernels.native_cpu.available`), else the chunked jnp step; with
-    several devices (sharded leaves, which XLA cannot partition through a ``pallas_call``) and
-    elsewhere the unfused jnp path.
-    """
-    if use_kernel is not None and not isinstance(use_kernel, bool):
-        raise ValueError(f"{name}: use_kernel must be None, True or False, got {use_kernel!r}")
-    if use_kernel and not has_kernel:
-        raise ValueError(f"{name}: there is no fused Pallas kernel for this optimizer; pass "
-                         "use_kernel=None or False")
-    if use_kernel is not None:
-        return "pallas" if use_kernel else None
-    if not has_kernel:
-        return None
-    # Single-device processes only: XLA cannot partition a pallas_call (it would all-gather
-    # a sharded leaf; under shard_map pass use_kernel=True), and the chunked step slices
-    # flattened blocks, which gathers a sharded leaf too.
-    if jax.device_count() != 1:
-        return None
-    if kernel_available():
-        return "pallas"
-    if jax.default_backend() != "cpu":
-        return None
-    from pallas_kernels import native_cpu
-
-    return "native" if native_cpu.available() else "chunked"
-
-
-class FusedSpec(NamedTuple):
-    """What :func:`fused_lowbit` needs to know about the wrapped optax alias (static)."""
-
-    algo: str  # "adam" | "lion" | "sgd"
-    hyper: dict  # b1, b2, eps, eps_root, nesterov, decay (sgd momentum)
-    weight_decay: Any = None  # None: no add_decayed_weights in the chain
-    mask: Any = None
-    learning_rate: Any = None  # None: no scale_by_learning_rate in the chain
-
-
-_RULES = {"adam": (adam_rule, 2), "lion": (lion_rule, 1), "sgd": (sgd_rule, 1)}
-
-
-@functools.partial(jax.jit, inline=True)
-def _bias_correction(decay, count):
-    return 1 - decay**count  # optax.tree.bias_correction's expression, jitted the same way
-
-
-def _is_q(x):
-    return isinstance(x, QuantizedArray)
-
-
-def _mask_leaves(mask, updates, n):
-    if mask is None:
-        return [True] * n
-    tree = mask(updates) if callable(mask) else mask
-    full = jax.tree.map(lambda m, sub: jax.tree.map(lambda _: m, sub), tree, updates)
-    leaves = jax.tree.leaves(full)
-    if len(leaves) != n:
-        raise ValueError(f"weight-decay mask has {len(leaves)} leaves, the updates {n}")
-    return leaves
-
-
-def fused_lowbit(jnp_tx: optax.GradientTransformationExtraArgs, spec: FusedSpec, *,
-                 interpret: bool | None = None, tile_elems: int | None = None,
-                 chunked: bool = False,
-                 native: bool = False) -> optax.GradientTransformationExtraArgs:
-    """The low-bit optimizer ``jnp_tx`` (an ``effjax.optim`` alias) with fused kernel steps.
-
-    Same ``init`` and the same state pytree as ``jnp_tx`` (checkpoints are interchangeable);
-    ``update`` runs the kernel for every leaf whose moments are QuantizedArrays and takes all
-    else (small float32 leaves, counters, schedule states) from ``jnp_tx.update``.
-    ``chunked=True`` runs :func:`fused_update_chunked` instead of the kernel, on the leaves
-    where :func:`chunk_pays` (the others keep ``jnp_tx``'s step). ``native=True`` (CPU) runs
-    the C++ kernel (:func:`pallas_kernels.native_cpu.lowbit_step`) on the leaves it supports
-    (float32, blocks as whole rows); the others take the ``chunked`` rule.
-    """
-    if native:
-        from pallas_kernels import native_cpu
-
-        chunked = True  # the fallback for the leaves the native kernel does not take
-    rule, n_mom = _RULES[spec.algo]
-
-    def step(updates, state, params=None, apply=False, **extra):
-        ref_updates, ref_state = jnp_tx.update(updates, state, params, **extra)
-        chain = state if isinstance(state, tuple) and not hasattr(state, "_fields") else (state,)
-        core = chain[0]
-        if spec.algo == "adam":
-            mom_trees = (core.mu, core.nu)
-        elif spec.algo == "lion":
-            mom_trees = (core.mu,)
-        else:
-            mom_trees = (core.trace,)
-        flat_g, treedef = jax.tree_util.tree_flatten_with_path(updates)
-        flat_m = [jax.tree.leaves(t, is_leaf=_is_q) for t in mom_trees]
-        if any(len(m) != len(flat_g) for m in flat_m):
-            raise ValueError("fused_lowbit: the state's moments do not match the updates' tree")
-        flat_p = [None] * len(flat_g) if params is None else jax.tree.leaves(params)
-        if len(flat_p) != len(flat_g):
-            raise ValueError("fused_lowbit: params and updates have different tree structures")
-
-        s = {}
-        h = spec.hyper
-        if spec.algo == "adam":
-            count_inc = optax.safe_increment(core.count)
-            s.update(b1=h["b1"], b2=h["b2"], eps=h["eps"], eps_root=h["eps_root"],
-                     bc1=_bias_correction(h["b1"], count_inc),
-                     bc2=_bias_correction(h["b2"], count_inc))
-            if h.get("nesterov"):
-                s["bc1_next"] = _bias_correction(h["b1"], optax.safe_increment(count_inc))
-        elif spec.algo == "lion":
-            s.update(b1=h["b1"], b2=h["b2"])
-        else:
-            s.update(decay=h["decay"], nesterov=bool(h.get("nesterov")))
-        wd = spec.weight_decay
-        use_wd = wd is not None and not (isinstance(wd, (int, float)) and wd == 0.0)
-        if use_wd and callable(wd):
-            wd_state = chain[1]
-            while hasattr(wd_state, "inner_state"):
-                wd_state = wd_state.inner_state
-            wd = wd(wd_state.count)
-        if spec.learning_rate is not None:
-            lr = spec.learning_rate
-            if callable(lr):
-                s["lr_cast"] = -1 * lr(chain[-1].count)
-            else:
-                s["lr"] = -1 * lr
-        decay_mask = _mask_leaves(spec.mask, updates, len(flat_g)) if use_wd else None
-
-        out_u = jax.tree.leaves(ref_updates)
-        new_moms = [list(jax.tree.leaves(getattr_moment(ref_state, spec.algo, k),
-                                         is_leaf=_is_q)) for k in range(n_mom)]
-        applied = [False] * len(flat_g)
-        if apply and params is None:
-            raise ValueError("fused_apply needs the parameters")
-        for i, (path, g) in enumerate(flat_g):
-            ms = tuple(m[i] for m in flat_m)
-            if not _is_q(ms[0]):
-                continue
-            leaf_s = dict(s)
-            if use_wd and decay_mask[i]:
-                leaf_s["wd"] = wd
-            leaf_name = jax.tree_util.keystr(path) or "<root>"
-            p = flat_p[i] if ("wd" in leaf_s or apply) else None
-            if native and native_cpu.supports(g, p, ms):
-                u, new = native_cpu.lowbit_step(spec.algo, g, p, ms, leaf_s, apply=apply,
-                                                name=leaf_name)
-                applied[i] = apply
-            elif chunked:
-                p = p if "wd" in leaf_s else None
-                if not chunk_pays(ms[0]):
-                    continue  # the unfused jnp step's results
-                u, new = fused_update_chunked(rule, g, p, ms, leaf_s, name=leaf_name)
-            else:
-                if not float32_scales(ms):
-                    continue  # bfloat16 scales: the unfused jnp step's results
-                u, new = fused_update(rule, g, p, ms, leaf_s, interpret=interpret,
-                                      tile_elems=tile_elems, apply=apply, name=leaf_name)
-                if apply:
-                    applied[i] = True
-            out_u[i] = u
-            for k in range(n_mom):
-                new_moms[k][i] = new[k]
-        new_state = replace_moments(ref_state, spec.algo, new_moms)
-        if apply:
-            out_u = [u if done else jnp.asarray(p + u).astype(jnp.asarray(p).dtype)
-                     for u, p, done in zip(out_u, flat_p, applied)]
-        return jax.tree_util.tree_unflatten(treedef, out_u), new_state
-
-    def update_fn(updates, state, params=None, **extra):
-        return step(updates, state, params, **extra)
-
-    def apply_fn(grads, state, params, **extra):
-        return step(grads, state, params, apply=True, **extra)
-
-    update = jax.jit(update_fn)
-    _APPLY[update] = jax.jit(apply_fn)
-    return optax.GradientTransformationExtraArgs(jnp_tx.init, update)
-
-
-#: ``update`` function of a :func:`fused_lowbit` transform -> its update-and-apply step (weak
-#: keys: an entry goes with its optimizer).
-_APPLY = weakref.WeakKeyDictionary()
-
-
-def apply_step_of(update_fn):
-    """The fused update-and-apply step registered for ``update_fn``, or None."""
-    try:
-        return _APPLY.get(update_fn)
-    except TypeError:  # not weak-referenceable: not one of ours
-        return None
-
-
-_FIELDS = {"adam": ("mu", "nu"), "lion": ("mu",), "sgd": ("trace",)}
-
-
-def _core(state):
-    return state[0] if isinstance(state, tuple) and not hasattr(state, "_fields") else state
-
-
-def getattr_moment(state, algo: str, k: int):
-    return getattr(_core(state), _FIELDS[algo][k])
-
-
-def replace_moments(state, algo: str, new_moms: list[list]):
-    core = _core(state)
-    repl = {}
-    for k, field in enumerate(_FIELDS[algo]):
-        old = getattr(core, field)
-        treedef = jax.tree.structure(old, is_leaf=_is_q)
-        repl[field] = jax.tree_util.tree_unflatten(treedef, new_moms[k])
-    new_core = core._replace(**repl)
-    if core is state:
-        return new_core
-    return (new_core,) + tuple(state[1:])
-

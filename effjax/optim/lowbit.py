@@ -71,11 +71,19 @@ import jax.numpy as jnp
 import optax
 from optax import contrib
 
+from effjax.optim._fused import (
+    adam_family,
+    check_use_kernel,
+    fused_apply,
+    fused_transform,
+    lion_family,
+    sgd_family,
+)
 from effjax.optim._quantize_state import quantize_state
 
 __all__ = [
     "scale_by_adam_8bit", "adam_8bit", "adamw_8bit", "lion_8bit", "sgd_8bit", "rmsprop_8bit",
-    "adagrad_8bit", "ademamix_8bit", "adam_4bit", "adamw_4bit",
+    "adagrad_8bit", "ademamix_8bit", "adam_4bit", "adamw_4bit", "fused_apply",
 ]
 
 _B8 = dict(bits=8, block_size=256)
@@ -83,7 +91,9 @@ _B4 = dict(bits=4, block_size=128)
 
 
 def _q(inner, cfg, block_size, min_quantized_size, *, name, scale_dtype=None, use_kernel=None,
-       fused=None):
+       spec=None):
+    """``quantize_state(inner)`` in the format ``cfg``; with a :class:`FusedSpec` (``inner`` and
+    ``spec`` built together by a family of :mod:`effjax.optim._fused`), the fused step."""
     # ``None`` defaults keep these static under ``optax.inject_hyperparams``, which turns
     # every numeric argument into an array hyper-parameter.
     tx = quantize_state(inner, bits=cfg["bits"],
@@ -91,22 +101,10 @@ def _q(inner, cfg, block_size, min_quantized_size, *, name, scale_dtype=None, us
                         min_quantized_size=(4096 if min_quantized_size is None
                                             else min_quantized_size),
                         scale_dtype=jnp.float32 if scale_dtype is None else scale_dtype)
-    if use_kernel is False:
+    check_use_kernel(use_kernel, name=name, has_kernel=spec is not None)
+    if spec is None:
         return tx
-    from pallas_kernels import optim_update  # the kernels import effjax.quant only
-
-    path = optim_update.select_path(use_kernel, name=name, has_kernel=fused is not None)
-    if path is None:
-        return tx
-    return optim_update.fused_lowbit(tx, optim_update.FusedSpec(**fused),
-                                     chunked=path == "chunked", native=path == "native")
-
-
-def _adam_spec(b1, b2, eps, eps_root, nesterov=False, learning_rate=None, weight_decay=None,
-               mask=None):
-    return dict(algo="adam", hyper=dict(b1=b1, b2=b2, eps=eps, eps_root=eps_root,
-                                        nesterov=nesterov),
-                learning_rate=learning_rate, weight_decay=weight_decay, mask=mask)
+    return fused_transform(tx, spec, name=name, use_kernel=use_kernel)
 
 
 def scale_by_adam_8bit(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, *, block_size=None,
@@ -118,19 +116,19 @@ def scale_by_adam_8bit(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, *, block_size=N
     ``u_t = (m_t / (1-b1^t)) / (sqrt(v_t / (1-b2^t) + eps_root) + eps)``; ``m_t``, ``v_t`` stored
     as 8-bit codes with a float32 absmax per 256 elements.
     """
-    return _q(optax.scale_by_adam(b1, b2, eps, eps_root), _B8, block_size, min_quantized_size,
-              name="scale_by_adam_8bit", scale_dtype=scale_dtype, use_kernel=use_kernel,
-              fused=_adam_spec(b1, b2, eps, eps_root))
+    inner, spec = adam_family(b1=b1, b2=b2, eps=eps, eps_root=eps_root)
+    return _q(inner, _B8, block_size, min_quantized_size, name="scale_by_adam_8bit",
+              scale_dtype=scale_dtype, use_kernel=use_kernel, spec=spec)
 
 
 def adam_8bit(learning_rate: optax.ScalarOrSchedule, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0,
               *, nesterov=False, block_size=None, min_quantized_size=None, scale_dtype=None,
               use_kernel: bool | None = None):
     """``optax.adam`` with 8-bit states (bitsandbytes' ``Adam8bit``)."""
-    return _q(optax.adam(learning_rate, b1, b2, eps, eps_root, nesterov=nesterov), _B8,
-              block_size, min_quantized_size, name="adam_8bit",
-              scale_dtype=scale_dtype, use_kernel=use_kernel,
-              fused=_adam_spec(b1, b2, eps, eps_root, nesterov, learning_rate))
+    inner, spec = adam_family(b1=b1, b2=b2, eps=eps, eps_root=eps_root, nesterov=nesterov,
+                              learning_rate=learning_rate)
+    return _q(inner, _B8, block_size, min_quantized_size, name="adam_8bit",
+              scale_dtype=scale_dtype, use_kernel=use_kernel, spec=spec)
 
 
 def adamw_8bit(learning_rate: optax.ScalarOrSchedule, b1=0.9, b2=0.999, eps=1e-8,
@@ -139,11 +137,10 @@ def adamw_8bit(learning_rate: optax.ScalarOrSchedule, b1=0.9, b2=0.999, eps=1e-8
                use_kernel: bool | None = None):
     """``optax.adamw`` with 8-bit states (bitsandbytes' ``AdamW8bit``; note optax's default
     ``weight_decay=1e-4`` where bitsandbytes uses 1e-2)."""
-    return _q(optax.adamw(learning_rate, b1, b2, eps, eps_root, weight_decay=weight_decay,
-                          mask=mask, nesterov=nesterov), _B8, block_size, min_quantized_size,
-              name="adamw_8bit", scale_dtype=scale_dtype, use_kernel=use_kernel,
-              fused=_adam_spec(b1, b2, eps, eps_root, nesterov, learning_rate, weight_decay,
-                               mask))
+    inner, spec = adam_family(b1=b1, b2=b2, eps=eps, eps_root=eps_root, nesterov=nesterov,
+                              learning_rate=learning_rate, weight_decay=weight_decay, mask=mask)
+    return _q(inner, _B8, block_size, min_quantized_size, name="adamw_8bit",
+              scale_dtype=scale_dtype, use_kernel=use_kernel, spec=spec)
 
 
 def lion_8bit(learning_rate: optax.ScalarOrSchedule, b1=0.9, b2=0.99, weight_decay=1e-3,
@@ -151,11 +148,10 @@ def lion_8bit(learning_rate: optax.ScalarOrSchedule, b1=0.9, b2=0.99, weight_dec
               use_kernel: bool | None = None):
     """``optax.lion`` (Chen et al. 2023) with an 8-bit momentum (bitsandbytes' ``Lion8bit``):
     ``u = sign(b1 m + (1-b1) g)``, ``m_t = b2 m + (1-b2) g``."""
-    return _q(optax.lion(learning_rate, b1, b2, weight_decay=weight_decay, mask=mask), _B8,
-              block_size, min_quantized_size, name="lion_8bit",
-              scale_dtype=scale_dtype, use_kernel=use_kernel,
-              fused=dict(algo="lion", hyper=dict(b1=b1, b2=b2), learning_rate=learning_rate,
-                         weight_decay=weight_decay, mask=mask))
+    inner, spec = lion_family(learning_rate=learning_rate, b1=b1, b2=b2,
+                              weight_decay=weight_decay, mask=mask)
+    return _q(inner, _B8, block_size, min_quantized_size, name="lion_8bit",
+              scale_dtype=scale_dtype, use_kernel=use_kernel, spec=spec)
 
 
 def sgd_8bit(learning_rate: optax.ScalarOrSchedule, momentum=0.9, nesterov=False, *,
@@ -166,10 +162,9 @@ def sgd_8bit(learning_rate: optax.ScalarOrSchedule, momentum=0.9, nesterov=False
     no state to quantize)."""
     if momentum is None or (isinstance(momentum, (int, float)) and momentum <= 0):
         raise ValueError(f"sgd_8bit needs momentum > 0, got {momentum!r}")
-    return _q(optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov), _B8, block_size,
-              min_quantized_size, name="sgd_8bit", scale_dtype=scale_dtype, use_kernel=use_kernel,
-              fused=dict(algo="sgd", hyper=dict(decay=momentum, nesterov=nesterov),
-                         learning_rate=learning_rate))
+    inner, spec = sgd_family(learning_rate=learning_rate, momentum=momentum, nesterov=nesterov)
+    return _q(inner, _B8, block_size, min_quantized_size, name="sgd_8bit",
+              scale_dtype=scale_dtype, use_kernel=use_kernel, spec=spec)
 
 
 def rmsprop_8bit(learning_rate: optax.ScalarOrSchedule, decay=0.9, eps=1e-8, initial_scale=0.0,
@@ -209,53 +204,17 @@ def adam_4bit(learning_rate: optax.ScalarOrSchedule, b1=0.9, b2=0.999, eps=1e-8,
               *, block_size=None, min_quantized_size=None, scale_dtype=None,
               use_kernel: bool | None = None):
     """``optax.adam`` with 4-bit states (Li et al. 2023; torchao's ``Adam4bit``)."""
-    return _q(optax.adam(learning_rate, b1, b2, eps, eps_root), _B4, block_size,
-              min_quantized_size, name="adam_4bit", scale_dtype=scale_dtype, use_kernel=use_kernel,
-              fused=_adam_spec(b1, b2, eps, eps_root, False, learning_rate))
+    inner, spec = adam_family(b1=b1, b2=b2, eps=eps, eps_root=eps_root,
+                              learning_rate=learning_rate)
+    return _q(inner, _B4, block_size, min_quantized_size, name="adam_4bit",
+              scale_dtype=scale_dtype, use_kernel=use_kernel, spec=spec)
 
 
 def adamw_4bit(learning_rate: optax.ScalarOrSchedule, b1=0.9, b2=0.999, eps=1e-8,
                eps_root=0.0, weight_decay=1e-4, mask: Any = None, *, block_size=None,
                min_quantized_size=None, scale_dtype=None, use_kernel: bool | None = None):
     """``optax.adamw`` with 4-bit states (torchao's ``AdamW4bit``)."""
-    return _q(optax.adamw(learning_rate, b1, b2, eps, eps_root, weight_decay=weight_decay,
-                          mask=mask), _B4, block_size, min_quantized_size, name="adamw_4bit",
-              scale_dtype=scale_dtype, use_kernel=use_kernel,
-              fused=_adam_spec(b1, b2, eps, eps_root, False, learning_rate, weight_decay, mask))
-
-
-def fused_apply(opt: optax.GradientTransformation):
-    """``step(grads, state, params) -> (new_params, new_state)``: ``opt.update`` followed by
-    ``optax.apply_updates``, in one call.
-
-    For the ``effjax.optim`` aliases running the fused Pallas kernel (``use_kernel=True``, or
-    auto where validated), the kernel writes the new parameters itself, over the old ones:
-    a float32 8-bit AdamW step then reads the gradient, the parameter and two codes and writes
-    the parameter and the codes, 16 bytes per parameter, where ``update`` + ``apply_updates``
-    move 28 (the update goes through memory, and XLA cannot fuse a kernel's output into the
-    addition). Same results as ``update`` + ``apply_updates`` up to the rounding of a fused
-    multiply-add (``p + lr * u`` may be contracted inside the kernel). Any other optimizer
-    gets the two calls.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> from effjax import optim
-      >>> opt = optim.adamw_8bit(1e-3, weight_decay=0.1)
-      >>> params = {"w": jnp.ones((64, 128))}
-      >>> state = opt.init(params)
-      >>> step = optim.fused_apply(opt)
-      >>> params, state = step({"w": jnp.full((64, 128), 0.1)}, state, params)
-      >>> round(float(params["w"][0, 0]), 6)  # 1 - lr * (sign(g) + weight_decay * 1)
-      0.9989
-    """
-    from pallas_kernels import optim_update  # the kernels import effjax.quant only
-
-    fused = optim_update.apply_step_of(opt.update)
-    if fused is not None:
-        return fused
-
-    def step(grads, state, params, **extra):
-        updates, state = opt.update(grads, state, params, **extra)
-        return optax.apply_updates(params, updates), state
-
-    return step
+    inner, spec = adam_family(b1=b1, b2=b2, eps=eps, eps_root=eps_root,
+                              learning_rate=learning_rate, weight_decay=weight_decay, mask=mask)
+    return _q(inner, _B4, block_size, min_quantized_size, name="adamw_4bit",
+              scale_dtype=scale_dtype, use_kernel=use_kernel, spec=spec)

@@ -16,8 +16,8 @@ import pytest
 
 from effjax import optim as O
 from effjax import quant as Q
+from effjax.optim import _fused as F
 from pallas_kernels import native_cpu as N
-from pallas_kernels import optim_update as K
 from tests.pallas_kernels.test_optim_update import OPTIMIZERS, _quantized
 from tests.quant.test_blockwise import _bf16_neighbours
 
@@ -287,7 +287,7 @@ def test_switched_off_by_the_environment(monkeypatch):
     try:
         assert not N.available() and N.unavailable_reason() == "EFFJAX_NATIVE=0"
         monkeypatch.setattr(jax, "device_count", lambda *a: 1)
-        assert K.select_path(None, name="x") == "chunked"
+        assert F.select_path(None, name="x") == "chunked"
     finally:
         monkeypatch.delenv("EFFJAX_NATIVE")
         N.available.cache_clear()
@@ -302,7 +302,7 @@ def one_device(monkeypatch):
 
 
 def test_auto_is_the_native_kernel_on_single_device_cpu(one_device):
-    assert K.select_path(None, name="x") == "native"
+    assert F.select_path(None, name="x") == "native"
     params = {"w": jnp.zeros((8, 512)), "b": jnp.zeros((10,)), "h": jnp.zeros((6, 384)),
               "odd": jnp.zeros((5, 384))}
     jaxpr = str(jax.make_jaxpr(O.adamw_8bit(1e-3, min_quantized_size=1000).update)(

@@ -16,6 +16,7 @@ import pytest
 
 from effjax import optim as O
 from effjax import quant as Q
+from effjax.optim import _fused as F
 from pallas_kernels import native_cpu as N
 from pallas_kernels import optim_update as K
 from tests.pallas_kernels.test_optim_update import OPTIMIZERS, _quantized
@@ -85,9 +86,9 @@ def test_which_leaves_are_chunked():
 
 def test_auto_is_the_chunked_step_on_single_device_cpu(one_device):
     assert jax.default_backend() == "cpu"
-    assert K.select_path(None, name="x") == "chunked"
-    assert K.select_path(None, name="x", has_kernel=False) is None
-    assert K.select_path(False, name="x") is None and K.select_path(True, name="x") == "pallas"
+    assert F.select_path(None, name="x") == "chunked"
+    assert F.select_path(None, name="x", has_kernel=False) is None
+    assert F.select_path(False, name="x") is None and F.select_path(True, name="x") == "pallas"
     assert _has(O.adamw_8bit(1e-3, min_quantized_size=1000), "loop")
     assert not _has(O.adamw_8bit(1e-3, use_kernel=False, min_quantized_size=1000), "loop")
     assert not _has(O.adamw_8bit(1e-3, min_quantized_size=1000), "pallas_call")
@@ -98,12 +99,12 @@ def test_several_devices_keep_the_unfused_path(monkeypatch):
     """The chunked loop slices flattened blocks and XLA cannot partition a pallas_call: both
     would gather a sharded leaf, so auto keeps the unfused path with several devices."""
     monkeypatch.setattr(jax, "device_count", lambda *a: 8)
-    assert K.select_path(None, name="x") is None
+    assert F.select_path(None, name="x") is None
     monkeypatch.setattr(K, "kernel_available", lambda: True)  # as on a GPU
-    assert K.select_path(None, name="x") is None
-    assert K.select_path(True, name="x") == "pallas"
+    assert F.select_path(None, name="x") is None
+    assert F.select_path(True, name="x") == "pallas"
     monkeypatch.setattr(jax, "device_count", lambda *a: 1)
-    assert K.select_path(None, name="x") == "pallas"
+    assert F.select_path(None, name="x") == "pallas"
     assert not _has(O.adamw_8bit(1e-3, min_quantized_size=1000), "loop")
 
 
