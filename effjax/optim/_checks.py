@@ -92,6 +92,19 @@ def leaf_name(path) -> str:
     return jax.tree_util.keystr(path) or "<root>"
 
 
+def tree_difference(updates, reference, what: str = "the parameters") -> str:
+    """The leaf paths found in only one of two trees, for a structure-mismatch message:
+    ``"missing from the updates: ['b']; not in the parameters: ['c']"``."""
+    paths = [{leaf_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(t)[0]}
+             for t in (updates, reference)]
+    parts = []
+    if paths[1] - paths[0]:
+        parts.append("missing from the updates: " + ", ".join(sorted(paths[1] - paths[0])))
+    if paths[0] - paths[1]:
+        parts.append(f"not in {what}: " + ", ".join(sorted(paths[0] - paths[1])))
+    return "; ".join(parts) or "the same leaf paths with other node types"
+
+
 def check_params_like_updates(updates, params, *, where: str) -> None:
     """Raise if ``params`` is missing or does not match ``updates`` leaf by leaf.
 
@@ -107,8 +120,8 @@ def check_params_like_updates(updates, params, *, where: str) -> None:
     p_leaves, p_def = jax.tree_util.tree_flatten_with_path(params)
     if u_def != p_def:
         raise ValueError(
-            f"{where}: updates and params have different tree structures:\n  updates: "
-            f"{u_def}\n  params:  {p_def}")
+            f"{where}: updates and params have different tree structures "
+            f"({tree_difference(updates, params)}):\n  updates: {u_def}\n  params:  {p_def}")
     for (path, u), (_, p) in zip(u_leaves, p_leaves):
         name = leaf_name(path)
         for what, x in (("update", u), ("parameter", p)):

@@ -30,6 +30,7 @@ Li et al., "Memory Efficient Optimizers with 4-bit States", NeurIPS 2023.
 
 from __future__ import annotations
 
+import inspect
 import re
 from typing import NamedTuple
 
@@ -108,6 +109,37 @@ def _dequantize_tree(tree):
                         is_leaf=_is_q)
 
 
+def _public_name(fn) -> str:
+    """``optax.adamw`` for ``optax._src.alias.adamw``: the module up to its first private part."""
+    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", repr(fn))
+    module = getattr(fn, "__module__", None) or ""
+    parts = []
+    for part in module.split("."):
+        if part.startswith("_"):
+            break
+        parts.append(part)
+    return ".".join([*parts, name]) if parts and parts != ["__main__"] else name
+
+
+def _check_inner(inner) -> None:
+    """``inner`` must be a transformation (an object with ``init`` and ``update``)."""
+    if isinstance(inner, optax.GradientTransformation) or (
+            callable(getattr(inner, "init", None)) and callable(getattr(inner, "update", None))):
+        return
+    if callable(inner):
+        name = _public_name(inner)
+        try:
+            takes_lr = "learning_rate" in inspect.signature(inner).parameters
+        except (TypeError, ValueError):
+            takes_lr = False
+        call = f"{name}(learning_rate=1e-3)" if takes_lr else f"{name}(...)"
+        kind = "class" if isinstance(inner, type) else "function"
+        raise TypeError(f"quantize_state got the {kind} {name}, not a GradientTransformation: "
+                        f"call it first, e.g. quantize_state({call})")
+    raise TypeError("quantize_state needs an optax GradientTransformation (e.g. "
+                    f"optax.adamw(learning_rate=1e-3)), got {type(inner).__name__}: {inner!r}")
+
+
 def quantize_state(
     inner: optax.GradientTransformation,
     *,
@@ -139,6 +171,10 @@ def quantize_state(
       A ``GradientTransformationExtraArgs`` whose state is ``inner``'s state with the selected
       leaves replaced by :class:`~effjax.quant.QuantizedArray`.
 
+    Raises:
+      TypeError: ``inner`` is not a transformation, e.g. the factory ``optax.adamw`` itself
+        instead of ``optax.adamw(1e-3)``.
+
     Example:
       >>> import jax.numpy as jnp, optax
       >>> from effjax.optim import quantize_state
@@ -149,6 +185,7 @@ def quantize_state(
       ('QuantizedArray', dtype('uint8'))
       >>> updates, state = opt.update({"w": jnp.ones((64, 128))}, state, params)
     """
+    _check_inner(inner)
     check_quant_args(bits=bits, block_size=block_size, min_quantized_size=min_quantized_size)
     block_size = (256 if bits == 8 else 128) if block_size is None else int(block_size)
     default_signed, default_unsigned = _default_codebooks(bits)

@@ -41,13 +41,13 @@ from effjax.optim._checks import (
     check_int,
     check_range,
     check_state_bits,
-    is_number,
 )
 from effjax.optim._spike_utils import (
     decay,
     finite,
     leaves_like,
     maybe_quantize,
+    weight_decay_stage,
     zero_nonfinite_updates,
 )
 
@@ -165,18 +165,25 @@ class _DecayAfterStepState(NamedTuple):
 
 
 def _decay_after_step(learning_rate, weight_decay) -> optax.GradientTransformation:
-    """``u <- u - lr wd (p + u)``: weight decay of the already-updated parameter."""
+    """``u <- u - lr wd (p + u)``: weight decay of the already-updated parameter. Its state
+    holds a step counter only when the learning rate is a schedule (as
+    ``optax.scale_by_learning_rate``), so an injected (array) learning rate and a number give
+    the same state."""
+    scheduled = callable(learning_rate)
 
     def init_fn(params):
         del params
-        return _DecayAfterStepState(count=jnp.zeros([], jnp.int32))
+        return (_DecayAfterStepState(count=jnp.zeros([], jnp.int32)) if scheduled
+                else optax.EmptyState())
 
     def update_fn(updates, state, params=None):
         if params is None:
             raise ValueError("spam: weight_decay needs the params argument of update()")
-        lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+        lr = learning_rate(state.count) if scheduled else learning_rate
         updates = jax.tree.map(lambda u, p: u - (lr * weight_decay) * (p + u), updates, params)
-        return updates, _DecayAfterStepState(count=optax.safe_increment(state.count))
+        if scheduled:
+            state = _DecayAfterStepState(count=optax.safe_increment(state.count))
+        return updates, state
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -226,8 +233,10 @@ def spam(
     check_state_bits("spam", state_bits)
     core = maybe_quantize(scale_by_spam(b1, b2, eps, threshold, reset_interval, spike_delay,
                                          warmup_steps), state_bits)
-    parts = [core, optax.scale_by_learning_rate(learning_rate)]
-    if not (is_number(weight_decay) and weight_decay == 0):
-        wd_step = _decay_after_step(learning_rate, weight_decay)
-        parts.append(wd_step if mask is None else optax.masked(wd_step, mask))
-    return zero_nonfinite_updates(optax.chain(*parts))
+    # The decay stage is always there (a no-op for weight_decay=0) so that the state has the
+    # same structure under optax.inject_hyperparams, which makes weight_decay an array.
+    wd_step = _decay_after_step(learning_rate, weight_decay)
+    wd_step = weight_decay_stage(wd_step if mask is None else optax.masked(wd_step, mask),
+                                 weight_decay)
+    return zero_nonfinite_updates(
+        optax.chain(core, optax.scale_by_learning_rate(learning_rate), wd_step))

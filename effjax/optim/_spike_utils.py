@@ -9,10 +9,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from effjax.optim._checks import is_number
+from effjax.optim._checks import is_number, tree_difference
 from effjax.optim._quantize_state import quantize_state
 
-__all__ = ["Decay", "decay", "leaves_like", "finite", "zero_nonfinite_updates", "maybe_quantize"]
+__all__ = ["Decay", "decay", "leaves_like", "finite", "zero_nonfinite_updates", "maybe_quantize",
+           "weight_decay_stage"]
 
 
 class Decay(NamedTuple):
@@ -49,7 +50,7 @@ def leaves_like(updates, tree, where: str, *, shapes: bool = True):
         like = treedef.flatten_up_to(tree)
     except (ValueError, TypeError) as e:
         raise ValueError(f"{where}: the updates' tree structure differs from the parameters' "
-                         f"given to init: {e}") from None
+                         f"given to init ({tree_difference(updates, tree)}): {e}") from None
     for (path, g), m in zip(with_path, like, strict=True):
         if shapes and jnp.shape(g) != jnp.shape(m):
             raise ValueError(f"{where}: update {jax.tree_util.keystr(path) or '<root>'} has "
@@ -80,3 +81,18 @@ def maybe_quantize(inner, state_bits):
     if state_bits is None:
         return inner
     return quantize_state(inner, bits=state_bits, unsigned_fields="nu")
+
+
+def weight_decay_stage(stage: optax.GradientTransformation, weight_decay):
+    """``stage`` (the weight-decay part of a chain), or, when ``weight_decay`` is the number 0,
+    a no-op with ``stage``'s init. The chain then has the same state structure whatever the
+    decay's value, as ``optax.inject_hyperparams`` needs: it passes ``weight_decay`` (default
+    included) as an array whose value is unknown when the chain is built."""
+    if not (is_number(weight_decay) and weight_decay == 0):
+        return stage
+
+    def update_fn(updates, state, params=None):
+        del params
+        return updates, state
+
+    return optax.GradientTransformation(stage.init, update_fn)

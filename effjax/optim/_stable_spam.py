@@ -54,6 +54,11 @@ its update is 0 (weight decay included). :func:`adaptive_spike_clip` and
 :func:`adaptive_grad_norm` also count it as 0 in their statistics but pass the element through
 unchanged (the rest of the chain decides).
 
+Bad input: each transformation raises a ``ValueError`` naming the leaf path when the updates'
+tree or a leaf's shape differs from the parameters'. :func:`adaptive_spike_clip`,
+:func:`adaptive_grad_norm` and :func:`momentum_reset` hold no parameter-shaped state, so they
+check the updates against the ``params`` given to ``update`` (when given).
+
 Low-bit states: ``state_bits=8`` or ``4`` stores Adam's moments with
 :func:`effjax.optim.quantize_state` (``m`` signed map, ``v`` unsigned map); the
 per-tensor statistics (float32 scalars) and counters are never quantized.
@@ -71,9 +76,9 @@ import optax
 from effjax.optim._checks import (
     check_float_params,
     check_int,
+    check_params_like_updates,
     check_range,
     check_state_bits,
-    is_number,
 )
 from effjax.optim._spike_utils import (
     Decay,
@@ -81,6 +86,7 @@ from effjax.optim._spike_utils import (
     finite,
     leaves_like,
     maybe_quantize,
+    weight_decay_stage,
     zero_nonfinite_updates,
 )
 
@@ -234,7 +240,8 @@ def adaptive_spike_clip(theta: float = 0.999) -> optax.GradientTransformation:
         return AdaptiveSpikeClipState(count=jnp.zeros([], jnp.int32), m_max=_scalars(params))
 
     def update_fn(updates, state, params=None):
-        del params
+        if params is not None:  # the state holds no shapes: check against the parameters
+            check_params_like_updates(updates, params, where="adaptive_spike_clip")
         k = optax.safe_increment(state.count)
         th = decay(theta)
 
@@ -287,7 +294,8 @@ def adaptive_grad_norm(gamma1: optax.ScalarOrSchedule = 0.7, gamma2: float = 0.9
                                      v_norm=_scalars(params))
 
     def update_fn(updates, state, params=None):
-        del params
+        if params is not None:  # the state holds no shapes: check against the parameters
+            check_params_like_updates(updates, params, where=where)
         k = optax.safe_increment(state.count)
         g1 = decay(gamma1(state.count) if callable(gamma1) else gamma1)
         g2 = decay(gamma2)
@@ -358,6 +366,8 @@ def momentum_reset(inner: optax.GradientTransformation, interval: int, *,
         return MomentumResetState(count=jnp.zeros([], jnp.int32), inner_state=inner.init(params))
 
     def update_fn(updates, state, params=None, **extra_args):
+        if params is not None:  # before inner, whose own error may not name the leaf
+            check_params_like_updates(updates, params, where="momentum_reset")
         t = optax.safe_increment(state.count)
         updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
         do = t % interval == 0
@@ -517,9 +527,9 @@ def stable_spam(
     core = maybe_quantize(scale_by_stable_spam(b1, b2, eps, gamma1, gamma2, theta,
                                                 reset_interval, total_steps, eta_min),
                            state_bits)
-    parts = [core]
-    if not (is_number(weight_decay) and weight_decay == 0):
-        parts.append(optax.add_decayed_weights(weight_decay, mask))
-    parts.append(optax.scale_by_learning_rate(learning_rate))
-    return zero_nonfinite_updates(optax.chain(*parts))
+    # The decay stage is always there (a no-op for weight_decay=0) so that the state has the
+    # same structure under optax.inject_hyperparams, which makes weight_decay an array.
+    wd_step = weight_decay_stage(optax.add_decayed_weights(weight_decay, mask), weight_decay)
+    return zero_nonfinite_updates(
+        optax.chain(core, wd_step, optax.scale_by_learning_rate(learning_rate)))
 

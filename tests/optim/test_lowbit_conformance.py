@@ -305,24 +305,6 @@ def test_inject_hyperparams_schedule(static):
             np.testing.assert_allclose(u[n], (k + 1) * u_lr0[n], rtol=1e-5, atol=1e-7)
 
 
-def test_multisteps_applies_every_second_step():
-    opt = optax.MultiSteps(eo.adamw_8bit(LR, weight_decay=WD), every_k_schedule=2)
-    step, state = jit(opt.update), jit(opt.init)(P0)
-    g = [_rand_grads(k) for k in range(4)]
-    inner = _adamw8_init(P0)
-    for k in range(4):
-        u, state = step(g[k], state, P0)
-        if k % 2 == 0:  # no update, inner state untouched
-            assert all(bool(jnp.all(u[n] == 0)) for n in SHAPES)
-            jax.tree.map(np.testing.assert_array_equal, state.inner_opt_state, inner)
-        else:  # the inner optimizer sees optax's running mean of the two gradients
-            mean = jax.tree.map(lambda a, b: a + (b - a) / 2, g[k - 1], g[k])
-            u_ref, inner = _adamw8_update(mean, inner, P0)
-            for n in SHAPES:
-                np.testing.assert_allclose(u[n], u_ref[n], rtol=1e-5, atol=1e-7, err_msg=n)
-    assert state.acc_grads["w"].dtype == jnp.float32 and _isq(state.inner_opt_state[0].mu["w"])
-
-
 def test_multi_transform_keeps_float_branch_float():
     mt = optax.multi_transform({"q": eo.adamw_8bit(LR, weight_decay=WD, min_quantized_size=1024),
                                 "f": optax.adamw(LR, weight_decay=WD)},
