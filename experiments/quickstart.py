@@ -110,6 +110,8 @@ def report(rows, args):
                    "rows": [{k: v for k, v in r.items() if k != "final_params"} for r in rows]},
                   f, indent=1)
     plot(rows, os.path.join(args.out, f"quickstart{suffix}.png"), args)
+    print("wrote (table, JSON, plot):",
+          *(os.path.join(args.out, f"quickstart{suffix}.{ext}") for ext in ("md", "json", "png")))
 
 
 def plot(rows, path, args):
