@@ -54,7 +54,7 @@ def _top(k: int) -> int:
 
 
 def _select(i: jax.Array, table: list) -> jax.Array:
-    out = jnp.full(i.shape, table[0], dtype=jnp.float32)
+    out = jnp.full_like(i, table[0], dtype=jnp.float32)
     for d in range(1, len(table)):
         out = jnp.where(i == d, np.float32(table[d]), out)
     return out
@@ -120,7 +120,7 @@ def nearest(y: jax.Array, k: int) -> jax.Array:
     top = _top(k)
     neg = y < 0
     a = jnp.abs(y)
-    i = jnp.zeros(y.shape, jnp.int32)
+    i = jnp.zeros_like(y, jnp.int32)
     for d in range(1, _DECADES):
         i = i + (a >= np.float32(10.0 ** (d - 7))).astype(jnp.int32)
     n = jnp.left_shift(1, i + k)

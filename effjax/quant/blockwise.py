@@ -59,10 +59,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from effjax.quant import search
+from effjax.quant import _layout, search
+from effjax.quant.codebooks import check_codebook
 
 __all__ = ["QuantizedArray", "quantize_blockwise", "dequantize_blockwise", "block_layout",
-           "block_view", "scales_shape",
+           "block_view", "scales_shape", "codes_shape", "shard_layout",
            "round_scale", "SCALE_DTYPES"]
 
 _FLOATS = (jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64)
@@ -109,16 +110,65 @@ def block_view(shape: tuple[int, ...], block_size: int) -> tuple[int, ...]:
     return lead + (length,)
 
 
-def scales_shape(shape: tuple[int, ...], block_size: int) -> tuple[int, ...]:
+def scales_shape(shape: tuple[int, ...], block_size: int,
+                 shards: tuple[int, ...] | None = None) -> tuple[int, ...]:
     """``absmax.shape`` of an array of ``shape`` quantized in blocks of ``block_size``: the
     leading axes of :func:`block_view` plus the number of blocks (a short last one included).
+    In the shard-local layout (``shards``, shards per axis) the shard grid comes first and
+    each shard's local array is blocked as above.
 
     Example:
       >>> scales_shape((1536, 384), 256), scales_shape((3, 384), 256)
       ((768, 3), (3, 2))
+      >>> scales_shape((512, 384), 256, shards=(4, 2))  # local (128, 192): merged, 96 blocks
+      (4, 2, 96)
     """
+    shape = tuple(int(n) for n in shape)
+    if shards is not None:
+        local = tuple(n // c for n, c in zip(shape, shards))
+        return tuple(int(c) for c in shards) + scales_shape(local, block_size)
     view = block_view(shape, block_size)
     return view[:-1] + (-(-view[-1] // block_size),)
+
+
+def codes_shape(shape: tuple[int, ...], bits: int,
+                shards: tuple[int, ...] | None = None) -> tuple[int, ...]:
+    """``codes.shape``: ``shape``, with 4-bit codes' last axis halved (rounded up; per shard
+    in the shard-local layout).
+
+    Example:
+      >>> codes_shape((8, 6), 4), codes_shape((8, 6), 4, shards=(1, 2))
+      ((8, 3), (8, 4))
+    """
+    shape = tuple(int(n) for n in shape)
+    if bits != 4 or not shape:
+        return shape
+    c = 1 if shards is None else int(shards[-1])
+    return shape[:-1] + (c * -(-(shape[-1] // c) // 2),)
+
+
+def shard_layout(shape: tuple[int, ...], block_size: int, counts, bits: int = 8
+                 ) -> tuple[int, ...] | None:
+    """The layout :func:`quantize_blockwise` picks for an array of ``shape`` cut into
+    ``counts`` shards per axis: ``None`` (bitsandbytes' flat layout) when its blocks already
+    lie inside shards (unsharded arrays; arrays sharded along leading axes, or along the
+    blocked axis in chunks of whole blocks), else ``counts`` (the shard-local layout).
+
+    Example:
+      >>> shard_layout((512, 384), 256, (4, 1)), shard_layout((512, 384), 256, (4, 2))
+      (None, (4, 2))
+    """
+    shape = tuple(int(n) for n in shape)
+    counts = tuple(int(c) for c in counts)
+    if len(counts) != len(shape) or any(c < 1 or n % c for n, c in zip(shape, counts)):
+        raise ValueError(f"shards {counts} do not divide the shape {shape} axis by axis")
+    if all(c == 1 for c in counts) or 0 in shape:
+        return None
+    k, _ = block_layout(shape, block_size)
+    if _layout.flat_is_shard_local(shape, block_size, counts, bits,
+                                   block_view(shape, block_size), k):
+        return None
+    return counts
 
 
 @jax.tree_util.register_dataclass
@@ -135,6 +185,8 @@ class QuantizedArray:
       block_size: elements per block.
       codebook: the code values, a tuple of float32 numbers (static, hashable).
       bits: 8 or 4.
+      shards: the layout: ``None`` for the flat layout, else the shard-local layout's shards
+        per axis (see the module docstring).
     """
 
     codes: jax.Array
@@ -144,6 +196,7 @@ class QuantizedArray:
     block_size: int = dataclasses.field(metadata=dict(static=True))
     codebook: tuple[float, ...] = dataclasses.field(metadata=dict(static=True))
     bits: int = dataclasses.field(metadata=dict(static=True))
+    shards: tuple[int, ...] | None = dataclasses.field(default=None, metadata=dict(static=True))
 
     @property
     def block_axes(self) -> int:
@@ -163,48 +216,44 @@ class QuantizedArray:
         return dequantize_blockwise(self)
 
 
-def _as_codebook(codebook) -> tuple[float, ...]:
-    values = np.asarray(codebook, dtype=np.float32).reshape(-1)
-    if values.size < 2 or values.size > 256:
-        raise ValueError(f"a codebook needs 2..256 values, got {values.size}")
-    if not np.all(np.isfinite(values)):
-        raise ValueError("codebook values must be finite")
-    return tuple(float(v) for v in values)
-
-
 def _bits_for(n_codes: int) -> int:
     return 4 if n_codes <= 16 else 8
 
 
-def _blocks(x: jax.Array, block_size: int) -> tuple[jax.Array, tuple[int, ...], int]:
-    """View ``x`` as ``lead + (nblocks, block_size)`` (zero-padded); return it, lead, L."""
-    view = block_view(x.shape, block_size)
+def _blocks(x: jax.Array, block_size: int, grid: int = 0):
+    """View ``x`` (``grid`` shard-grid axes, then the array blocked) as ``grid + lead +
+    (nblocks, width)``, zero-padded: ``width`` is ``block_size``, or the row's length when a
+    row is one block (never padded past the row). Returns it, ``lead`` and the row length."""
+    head, shape = tuple(x.shape[:grid]), tuple(x.shape[grid:])
+    view = block_view(shape, block_size)
     lead, length = view[:-1], view[-1]
     nblocks = -(-length // block_size)
-    flat = x.reshape(lead + (length,))
-    pad = nblocks * block_size - length
+    width = block_size if nblocks > 1 else length
+    flat = _layout.reshape(x, head + lead + (length,))
+    pad = nblocks * width - length
     if pad:
-        flat = jnp.pad(flat, [(0, 0)] * len(lead) + [(0, pad)])
-    return flat.reshape(lead + (nblocks, block_size)), lead, length
+        flat = jnp.pad(flat, [(0, 0)] * (len(head) + len(lead)) + [(0, pad)])
+    return _layout.reshape(flat, head + lead + (nblocks, width)), lead, length
 
 
-def _unblocks(b: jax.Array, lead: tuple[int, ...], length: int, shape) -> jax.Array:
-    flat = b.reshape(lead + (-1,))
+def _unblocks(b: jax.Array, lead: tuple[int, ...], length: int, shape, grid: int = 0):
+    head = tuple(b.shape[:grid])
+    flat = _layout.reshape(b, head + lead + (b.shape[-2] * b.shape[-1],))
     if flat.shape[-1] != length:
         flat = flat[..., :length]
-    return flat.reshape(shape)
+    return _layout.reshape(flat, head + tuple(shape))
 
 
 def _pack4(codes: jax.Array) -> jax.Array:
     if codes.shape[-1] % 2:
         codes = jnp.pad(codes, [(0, 0)] * (codes.ndim - 1) + [(0, 1)])
-    pairs = codes.reshape(codes.shape[:-1] + (codes.shape[-1] // 2, 2))
+    pairs = _layout.reshape(codes, codes.shape[:-1] + (codes.shape[-1] // 2, 2))
     return jnp.left_shift(pairs[..., 0], 4) | pairs[..., 1]
 
 
 def _unpack4(packed: jax.Array, n: int) -> jax.Array:
     both = jnp.stack([jnp.right_shift(packed, 4), jnp.bitwise_and(packed, 15)], axis=-1)
-    out = both.reshape(packed.shape[:-1] + (packed.shape[-1] * 2,))
+    out = _layout.reshape(both, packed.shape[:-1] + (packed.shape[-1] * 2,))
     return out if out.shape[-1] == n else out[..., :n]
 
 
@@ -262,14 +311,35 @@ def _check_args(x, block_size, rounding, key):
         raise ValueError("quantize_blockwise needs at least one axis, got a scalar")
 
 
+def _resolve_shards(x, shards, like, block_size, bits):
+    if like is not None:
+        if not isinstance(like, QuantizedArray):
+            raise TypeError(f"like= needs a QuantizedArray, got {type(like).__name__}")
+        if tuple(like.shape) != tuple(x.shape):
+            raise ValueError(f"like= is a QuantizedArray of shape {like.shape}, but the array "
+                             f"has shape {tuple(x.shape)}")
+        return like.shards
+    if shards is None:
+        return None
+    if isinstance(shards, str):
+        if shards != "auto":
+            raise ValueError(f"shards must be 'auto', None or a tuple of ints, got {shards!r}")
+        return shard_layout(x.shape, block_size, _layout.shard_counts(x), bits)
+    counts = tuple(int(c) for c in shards)
+    shard_layout(x.shape, block_size, counts, bits)  # validates
+    return None if all(c == 1 for c in counts) else counts
+
+
 def quantize_blockwise(
     x: jax.Array,
     *,
-    codebook,
-    block_size: int = 256,
+    codebook=None,
+    block_size: int | None = None,
     rounding: str = "nearest",
     key: jax.Array | None = None,
-    scale_dtype=jnp.float32,
+    scale_dtype=None,
+    shards="auto",
+    like: QuantizedArray | None = None,
 ) -> QuantizedArray:
     """Quantize ``x`` block-wise to the codes of ``codebook``.
 
@@ -279,14 +349,22 @@ def quantize_blockwise(
     values inside the codebook's range.
 
     Args:
-      x: float32 / bfloat16 / float16 array with at least one axis.
-      codebook: 2..256 values in ``[-1, 1]`` (any order; codes index this order). 16 or fewer
-        values are stored as 4-bit codes packed two per byte.
-      block_size: elements per block (see the module docstring for the layout).
+      x: float32 / bfloat16 / float16 array with at least one axis (zero-size allowed).
+      codebook: 2..256 distinct values in ``[-1, 1]``, largest magnitude 1 (any order; codes
+        index this order; see :func:`effjax.quant.check_codebook`). 16 or fewer values are
+        stored as 4-bit codes packed two per byte.
+      block_size: elements per block (see the module docstring for the layout); default 256.
       rounding: ``"nearest"`` or ``"stochastic"``.
       key: PRNG key, required for stochastic rounding.
       scale_dtype: ``jnp.float32`` (default) or ``jnp.bfloat16`` (scales rounded up; see the
         module docstring).
+      shards: the layout: ``"auto"`` (default) picks it from ``x``'s sharding (a concrete
+        array's ``.sharding``, or the sharding in its type under Explicit mesh axes; a tracer
+        under Auto axes has none and gets the flat layout) with :func:`shard_layout`; ``None``
+        forces the flat layout; a tuple of shards per axis forces that shard-local layout.
+      like: a :class:`QuantizedArray` of the same shape whose layout, codebook, block size and
+        scale dtype are reused (the arguments left at ``None``): requantizing a state with
+        ``like=old`` keeps its layout from step to step, even where ``x`` carries no sharding.
 
     Returns:
       A :class:`QuantizedArray`.
@@ -300,15 +378,30 @@ def quantize_blockwise(
       (dtype('uint8'), (2, 1))
       >>> bool(jnp.abs(dequantize_blockwise(q) - x).max() < 0.01)
       True
+      >>> q2 = quantize_blockwise(x * 2, like=q)  # same codebook, block and layout as q
     """
     x = jnp.asarray(x)
+    if like is not None and isinstance(like, QuantizedArray):
+        codebook = like.codebook if codebook is None else codebook
+        block_size = like.block_size if block_size is None else block_size
+        scale_dtype = like.absmax.dtype if scale_dtype is None else scale_dtype
+    if codebook is None:
+        raise TypeError("quantize_blockwise needs codebook= (or like= a QuantizedArray)")
+    block_size = 256 if block_size is None else block_size
     _check_args(x, block_size, rounding, key)
-    scale_dtype = check_scale_dtype(scale_dtype)
-    values = _as_codebook(codebook)
+    scale_dtype = check_scale_dtype(jnp.float32 if scale_dtype is None else scale_dtype)
+    values = check_codebook(codebook)
     bits = _bits_for(len(values))
+    block_size = int(block_size)
+    shards = _resolve_shards(x, shards, like, block_size, bits)
     sorted_values = search.sorted_values_of(values)
 
-    xb, lead, length = _blocks(x.astype(jnp.float32), int(block_size))
+    xf = x.astype(jnp.float32)
+    grid = 0
+    if shards is not None:
+        xf, grid = _layout.grid_in(xf, shards), len(shards)
+    local = tuple(xf.shape[grid:])
+    xb, lead, length = _blocks(xf, block_size, grid)
     absmax = jnp.max(jnp.abs(xb), axis=-1)
     absmax = jnp.where(jnp.isfinite(absmax), absmax, jnp.nan)
     stored = round_scale(absmax, scale_dtype)
@@ -327,14 +420,16 @@ def quantize_blockwise(
         v_hi = search.sorted_value(hi, sorted_values)
         gap = v_hi - v_lo
         p_up = jnp.where(gap > 0, jnp.clip((y - v_lo) / jnp.where(gap > 0, gap, 1.0), 0, 1), 0)
-        up = jax.random.uniform(key, y.shape) < p_up
+        up = jax.random.uniform(key, y.shape, **_layout.like_sharding(y)) < p_up
         idx = jnp.where(up, hi, lo)
     idx = search.to_codes(idx, values)
-    codes = _unblocks(idx.astype(jnp.uint8), lead, length, x.shape)
+    codes = _unblocks(idx.astype(jnp.uint8), lead, length, local, grid)
     if bits == 4:
         codes = _pack4(codes)
+    if shards is not None:
+        codes = _layout.grid_out(codes, shards)
     return QuantizedArray(codes=codes, absmax=stored, shape=tuple(x.shape), dtype=x.dtype,
-                          block_size=int(block_size), codebook=values, bits=bits)
+                          block_size=block_size, codebook=values, bits=bits, shards=shards)
 
 
 def dequantize_blockwise(q: QuantizedArray, *, tables: bool | None = None) -> jax.Array:
@@ -352,17 +447,30 @@ def dequantize_blockwise(q: QuantizedArray, *, tables: bool | None = None) -> ja
     """
     if not isinstance(q, QuantizedArray):
         raise TypeError(f"dequantize_blockwise needs a QuantizedArray, got {type(q).__name__}")
-    want = scales_shape(q.shape, q.block_size)
+    want = scales_shape(q.shape, q.block_size, q.shards)
+    layout = ("flat layout (block_view " f"{block_view(q.shape, q.block_size)})"
+              if q.shards is None else f"shard-local layout over shards {q.shards}")
     if tuple(q.absmax.shape) != want:
         raise ValueError(
             f"QuantizedArray of shape {q.shape}, block {q.block_size}: absmax has shape "
-            f"{tuple(q.absmax.shape)}, the layout (block_view "
-            f"{block_view(q.shape, q.block_size)}) needs {want}; was it written by another "
+            f"{tuple(q.absmax.shape)}, the {layout} needs {want}; was it written by another "
             "version of effjax's block layout?")
-    codes = q.codes
+    want_codes = codes_shape(q.shape, q.bits, q.shards)
+    if tuple(q.codes.shape) != want_codes:
+        raise ValueError(
+            f"QuantizedArray of shape {q.shape}, {q.bits}-bit: codes have shape "
+            f"{tuple(q.codes.shape)}, the {layout} needs {want_codes}")
+    codes, grid = q.codes, 0
+    local = tuple(q.shape)
+    if q.shards is not None:
+        codes, grid = _layout.grid_in(codes, q.shards), len(q.shards)
+        local = tuple(n // c for n, c in zip(q.shape, q.shards))
     if q.bits == 4:
-        codes = _unpack4(codes, q.shape[-1])
+        codes = _unpack4(codes, local[-1])
     vals = search.value_at(codes, q.codebook, tables=tables)
-    vb, lead, length = _blocks(vals, q.block_size)
+    vb, lead, length = _blocks(vals, q.block_size, grid)
     out = vb * q.absmax.astype(jnp.float32)[..., None]
-    return _unblocks(out, lead, length, q.shape).astype(q.dtype)
+    out = _unblocks(out, lead, length, local, grid)
+    if q.shards is not None:
+        out = _layout.grid_out(out, q.shards)
+    return out.astype(q.dtype)

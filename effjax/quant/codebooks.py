@@ -25,6 +25,7 @@ __all__ = [
     "fp4_codebook",
     "adam4bit_first_moment_codebook",
     "adam4bit_second_moment_codebook",
+    "check_codebook",
 ]
 
 
@@ -174,3 +175,77 @@ def adam4bit_second_moment_codebook() -> np.ndarray:
     values = _linspace_f32(0.0, 1.0, 17)[1:].copy()
     values.setflags(write=False)
     return values
+
+
+def _show(values) -> str:
+    return "[" + ", ".join(f"{float(v):.9g}" for v in values) + "]"
+
+
+@functools.cache
+def _check(values: tuple[float, ...], name: str) -> tuple[float, ...]:
+    arr = np.asarray(values, np.float32)
+    if not 2 <= arr.size <= 256:
+        raise ValueError(f"{name} needs 2..256 values, got {arr.size}")
+    bad = arr[~np.isfinite(arr)]
+    if bad.size:
+        raise ValueError(f"{name} values must be finite, got {_show(bad[:8])}")
+    bad = arr[np.abs(arr) > 1]
+    if bad.size:
+        raise ValueError(f"{name} values must lie in [-1, 1] (they are multiplied by the "
+                         f"block's absmax), got {_show(bad[:8])}")
+    if np.abs(arr).max() != 1:
+        raise ValueError(f"{name} must contain 1 or -1 (its largest magnitude must be 1, so "
+                         f"that a block's largest element decodes to itself), got largest "
+                         f"magnitude {float(np.abs(arr).max()):.9g}")
+    ordered = np.sort(arr, kind="stable")
+    same = ordered[1:] == ordered[:-1]
+    zero_pair = (ordered[1:] == 0) & (np.signbit(ordered[1:]) != np.signbit(ordered[:-1]))
+    dup = ordered[1:][same & ~zero_pair]
+    if dup.size:
+        raise ValueError(f"{name} values must be distinct (a value repeated is a code that is "
+                         f"never chosen), repeated: {_show(np.unique(dup)[:8])}")
+    # Decision thresholds (midpoints of neighbours) closer than 2**-12 of their size would
+    # need an exact-search table of more than 2**12 buckets per binade (search.bucket_table).
+    t = (ordered[:-1].astype(np.float64) + ordered[1:]) / 2
+    gap = t[1:] - t[:-1]
+    near = gap < np.maximum(np.abs(t[1:]), np.abs(t[:-1])) * 2.0**-12
+    if near.any():
+        i = int(np.argmax(near))
+        raise ValueError(f"{name} values {_show(ordered[i:i + 3])} are too close together: "
+                         "the midpoints between neighbours must differ by at least 2**-12 of "
+                         "their magnitude for the exact nearest-code search")
+    return tuple(float(v) for v in arr)
+
+
+def check_codebook(codebook, *, name: str = "codebook") -> tuple[float, ...]:
+    """Validate a codebook; return its values as a tuple of float32 numbers (in its order).
+
+    Rules, each with its own error naming the offending values: 2..256 finite values, all in
+    ``[-1, 1]`` (codes are multiplied by the block's absmax), the largest magnitude equal to 1 (a
+    block's largest element decodes to itself: signed maps hold 1 or -1, unsigned ones, all
+    values >= 0, reach 1), all distinct (a repeated value is a code never
+    chosen; ``+0`` and ``-0`` together count as distinct, as in FP4), and no three neighbours
+    so close that the midpoints between them differ by less than ``2**-12`` of their
+    magnitude (the exact search of :mod:`effjax.quant.search` builds a table whose size grows
+    as that gap shrinks).
+    The order is free: codes index the given order (FP4 is stored in bit-pattern order, and
+    saved codes keep their meaning); the search sorts a copy. Every built-in codebook passes.
+
+    Args:
+      codebook: a sequence or array of values.
+      name: how the error messages call it (e.g. ``"signed_codebook"``).
+
+    Returns:
+      The values as a tuple of Python floats (float32-exact), in the given order.
+
+    Example:
+      >>> check_codebook([-1.0, 0.0, 1.0])
+      (-1.0, 0.0, 1.0)
+      >>> try:
+      ...     check_codebook([0.5] * 16, name="signed_codebook")
+      ... except ValueError as e:
+      ...     print(str(e)[:40])
+      signed_codebook must contain 1 or -1 (it
+    """
+    values = tuple(float(v) for v in np.asarray(codebook, np.float32).reshape(-1))
+    return _check(values, str(name))

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from effjax.quant import _dynamic_map
+from effjax.quant import _dynamic_map, _layout
 
 __all__ = ["BucketTable", "bucket_table", "sort_order", "sorted_values_of", "nearest_sorted",
            "floor_sorted", "sorted_value", "value_at", "to_codes", "dynamic_map_kind",
@@ -143,7 +143,7 @@ def _split_table(values: tuple[float, ...]) -> tuple[BucketTable, np.ndarray, np
 def _table_index(y: jax.Array, values: tuple[float, ...], tables: bool = False) -> jax.Array:
     if len(values) <= _DIRECT_MAX and not tables:
         t = _thresholds(np.asarray(values, np.float32))
-        idx = jnp.zeros(y.shape, jnp.int32)
+        idx = jnp.zeros_like(y, jnp.int32)
         for tk in t.tolist():
             idx = idx + (y >= np.float32(tk)).astype(jnp.int32)
         return idx
@@ -152,20 +152,20 @@ def _table_index(y: jax.Array, values: tuple[float, ...], tables: bool = False) 
     mag = jnp.bitwise_and(bits, 0x7FFFFFFF)
     q = jnp.clip(jnp.right_shift(mag, table.shift) - table.q0, 0, table.buckets - 1)
     q = q + jnp.where(bits < 0, table.buckets, 0)
-    count = jnp.asarray(counts).at[q].get(mode="promise_in_bounds")
-    inside = jnp.asarray(thresholds).at[q].get(mode="promise_in_bounds")
+    count = _layout.take(counts, q)
+    inside = _layout.take(thresholds, q)
     return count + (y >= inside).astype(jnp.int32)
 
 
 def _values_select(idx: jax.Array, values) -> jax.Array:
-    out = jnp.full(idx.shape, np.float32(values[0]), jnp.float32)
+    out = jnp.full_like(idx, np.float32(values[0]), jnp.float32)
     for c in range(1, len(values)):
         out = jnp.where(idx == c, np.float32(values[c]), out)
     return out
 
 
 def _gather(values, idx: jax.Array) -> jax.Array:
-    return jnp.asarray(np.asarray(values, np.float32)).at[idx].get(mode="promise_in_bounds")
+    return _layout.take(np.asarray(values, np.float32), idx)
 
 
 def sorted_value(idx: jax.Array, sorted_values: tuple[float, ...], *,
@@ -230,13 +230,12 @@ def to_codes(sorted_idx: jax.Array, values: tuple[float, ...], *,
     if order is None:
         return sorted_idx
     if len(values) <= _DIRECT_MAX and not _resolve(tables):
-        out = jnp.zeros(sorted_idx.shape, jnp.int32)
+        out = jnp.zeros_like(sorted_idx, jnp.int32)
         for pos, code in enumerate(order[1]):
             if code:
                 out = jnp.where(sorted_idx == pos, code, out)
         return out
-    return jnp.asarray(np.asarray(order[1], np.int32)).at[sorted_idx].get(
-        mode="promise_in_bounds")
+    return _layout.take(np.asarray(order[1], np.int32), sorted_idx)
 
 
 def sorted_values_of(values: tuple[float, ...]) -> tuple[float, ...]:
