@@ -213,6 +213,9 @@ OPTIMIZERS = ("adamw_8bit", "adam_8bit", "lion_8bit", "sgd_8bit", "rmsprop_8bit"
               "quantize_state(adamw)", "spam", "stable_spam", "stable_spam_8bit",
               "galore_adamw", "fira_adamw")
 LOWBIT = OPTIMIZERS[:11]
+# the aliases with a fused step (native C++ on a one-device CPU, or Pallas)
+FUSED = ("adamw_8bit", "adam_8bit", "lion_8bit", "sgd_8bit", "adam_4bit", "adamw_4bit",
+         "scale_by_adam_8bit")
 # Adaptive steps move a parameter by about lr per step whatever the gradient's size (Adam:
 # |m_hat / sqrt(v_hat)| <= ~1 over the first steps); sgd's step grows with the gradient.
 UNBOUNDED = ("sgd_8bit",)
@@ -330,7 +333,8 @@ def _asj(tree, dtype=None):
     import jax
     import jax.numpy as jnp
 
-    return jax.tree.map(lambda x: jnp.asarray(x, dtype or x.dtype), tree)
+    # a copy: jnp.asarray may share a numpy array's buffer, and cases edit their numpy arrays
+    return jax.tree.map(lambda x: jnp.array(x, dtype or x.dtype, copy=True), tree)
 
 
 def optim_cases(rng: np.random.Generator) -> list[Case]:
@@ -420,29 +424,36 @@ def optim_cases(rng: np.random.Generator) -> list[Case]:
             check=lambda res, step=step: check_steps(*res[:3], step=step, ref=res[3]),
             doc="float16 params, one gradient element 300 (its square overflows float16): "
                 "finite, at most ~lr per step (optax freezes the element)")
-        values = [np.nan, np.inf, -np.inf, 1e20, -1e20, 3e38, 1e-45]
-        for v in values:
-            seed = int(rng.integers(1 << 30))
-            def planted(name=name, kw=kw, shape=shape, v=v, seed=seed, step=step):
-                rr = np.random.default_rng(seed)
-                p0 = _asj(_tree(rr, shape))
-                g1 = _tree(rr, shape, scale=0.1)
-                idx = tuple(rr.integers(0, s, size=2) for s in shape)
-                clean = [_asj(g1)] + [_asj(_tree(rr, shape, scale=0.1)) for _ in range(2)]
-                g1["w"][idx] = v
-                gs = [_asj(g1)] + clean[1:]
-                opt = make_opt(name, **kw)
-                # sgd's step grows with the gradient: no reference bound for it
-                ref = None if step is None else run_steps(opt, p0, clean)
-                return run_steps(opt, p0, gs), p0, gs, idx, ref
+        variants = [("", kw, [np.nan, np.inf, -np.inf, 1e20, -1e20, 3e38, 1e-45])]
+        if name in FUSED:  # the unfused jnp step too (the default here: the native step)
+            variants.append(("[use_kernel=False]", {**kw, "use_kernel": False},
+                             [np.nan, 1e20, 3e38]))
+        for label, kw_v, values in variants:
+            for v in values:
+                seed = int(rng.integers(1 << 30))
 
-            frozen = not np.isfinite(v)
-            add(f"{name}/grad-{v:g}", planted,
-                check=lambda res, step=step, frozen=frozen: check_steps(
-                    *res[:3], step=step, frozen={"w": res[3]} if frozen else None, ref=res[4]),
-                doc=f"two gradient elements {v:g} at step 1, then normal steps: params and "
-                    "state finite, no move beyond ~10 lr per step + twice the clean run's"
-                    + ("; the update is 0 where the gradient is not finite" if frozen else ""))
+                def planted(name=name, kw=kw_v, shape=shape, v=v, seed=seed, step=step):
+                    rr = np.random.default_rng(seed)
+                    p0 = _asj(_tree(rr, shape))
+                    g1 = _tree(rr, shape, scale=0.1)
+                    idx = tuple(rr.integers(0, s, size=2) for s in shape)
+                    clean = [_asj(g1)] + [_asj(_tree(rr, shape, scale=0.1)) for _ in range(2)]
+                    g1["w"][idx] = v
+                    gs = [_asj(g1)] + clean[1:]
+                    opt = make_opt(name, **kw)
+                    # sgd's step grows with the gradient: no reference bound for it
+                    ref = None if step is None else run_steps(opt, p0, clean)
+                    return run_steps(opt, p0, gs), p0, gs, idx, ref
+
+                frozen = not np.isfinite(v)
+                add(f"{name}{label}/grad-{v:g}", planted,
+                    check=lambda res, step=step, frozen=frozen: check_steps(
+                        *res[:3], step=step, frozen={"w": res[3]} if frozen else None,
+                        ref=res[4]),
+                    doc=f"two gradient elements {v:g} at step 1, then normal steps: params "
+                        "and state finite, no move beyond ~10 lr per step + twice the clean "
+                        "run's" + ("; the update is 0 where the gradient is not finite"
+                                   if frozen else ""))
         if name in LOWBIT or name in ("spam", "stable_spam", "stable_spam_8bit"):
             extra = {"min_quantized_size": 0} if name in LOWBIT else {}
 
@@ -1266,6 +1277,19 @@ def plot(results: Sequence[dict], path: str) -> None:
     plt.close(fig)
 
 
+def _tree_state() -> str:
+    """The commit the code under test is at, and whether effjax / pallas_kernels differ."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                              capture_output=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "effjax",
+                                "pallas_kernels"], cwd=ROOT, text=True, capture_output=True,
+                               check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "not a git checkout"
+    return f"commit {head}" + (" + uncommitted changes in effjax/pallas_kernels" if dirty else "")
+
+
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a fixed subset, seconds")
@@ -1275,6 +1299,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--devices", type=int, default=1, help="CPU devices of the child")
     ap.add_argument("--out", default=RESULTS)
     ap.add_argument("--suite", default="main", choices=("main", "selftest"))
+    ap.add_argument("--note", default="", help="recorded with the results (e.g. the tree)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -1289,6 +1314,7 @@ def main(argv=None) -> list[dict]:
 
     meta = dict(machine=f"{platform.machine()} {os.cpu_count()} cores", jax=jax.__version__,
                 command=command, seconds=round(time.time() - t0, 1), seed=args.seed,
+                tree=_tree_state(), note=args.note,
                 classes=CLASSES, counts=dict(Counter(r["cls"] for r in results)))
     md = table(results)
     print(md)
@@ -1298,8 +1324,8 @@ def main(argv=None) -> list[dict]:
     with open(stem + ".json", "w") as f:
         json.dump(dict(meta=meta, results=results), f, indent=1)
     with open(stem + ".md", "w") as f:
-        f.write(f"`{command}` ({meta['seconds']} s, {meta['machine']}, jax {meta['jax']})\n\n"
-                + md + "\n")
+        f.write(f"`{command}` ({meta['seconds']} s, {meta['machine']}, jax {meta['jax']}; "
+                f"{meta['tree']}{'; ' + args.note if args.note else ''})\n\n" + md + "\n")
     plot(results, stem + ".png")
     return results
 
