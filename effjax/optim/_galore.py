@@ -90,6 +90,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from effjax.optim._checks import is_number
 
@@ -254,6 +255,68 @@ def _low_shape(shape, plan: _Plan):
             plan.rank if plan.side in ("right", "full") else n)
 
 
+# Sharding ---------------------------------------------------------------------------------------
+# Every state leaf keeps its parameter's mesh axis on each axis of the same length (a left
+# projector (m, r) and a moment (m, r) keep the rows' axis, (r, n) ones the columns'), from init
+# on. Under Explicit mesh axes JAX types shardings while tracing: the SVD needs its input
+# replicated (the refresh all-gathers the gradient, as it does under Auto axes), and a
+# projection that contracts a sharded axis has its output sharding named.
+
+def _is_explicit(x) -> bool:
+    if not isinstance(x, jax.Array):  # a MaskedNode
+        return False
+    mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
+    return mesh is not None and AxisType.Explicit in tuple(getattr(mesh, "axis_types", ()))
+
+
+def _spec(x) -> tuple | None:
+    """``x``'s mesh axes per axis: from its type under Explicit axes, else from a concrete
+    array's NamedSharding; None when there are none (a tracer under Auto axes)."""
+    if _is_explicit(x):
+        sh = jax.typeof(x).sharding
+    elif isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and isinstance(
+            x.sharding, NamedSharding):
+        sh = x.sharding
+    else:
+        return None
+    spec = tuple(sh.spec) + (None,) * (x.ndim - len(sh.spec))
+    return None if all(e is None for e in spec) else spec
+
+
+def _explicit_spec(x) -> tuple | None:
+    return _spec(x) if _is_explicit(x) else None
+
+
+def _keep_axes(spec, shape, like) -> PartitionSpec:
+    """``spec`` (of an array shaped ``like``) on the axes of ``shape`` of the same length."""
+    return PartitionSpec(*(e if i < len(like) and n == like[i] else None
+                           for i, (e, n) in enumerate(zip(spec, shape))))
+
+
+def _zeros_like_param(x, shape, dtype, view):
+    """Zeros of ``shape`` sharded like the parameter ``x`` (seen as ``view``) on its axes of the
+    same length (init of projectors, low-rank moments and residual norms)."""
+    spec = _spec(x) if tuple(x.shape) == tuple(view) else None
+    if spec is None:
+        return jnp.zeros(shape, dtype)
+    out = _keep_axes(spec, shape, view)
+    if isinstance(x, jax.core.Tracer):
+        return jnp.zeros(shape, dtype, out_sharding=out)
+    return jnp.zeros(shape, dtype, device=NamedSharding(x.sharding.mesh, out))
+
+
+def _einsum(expr, a, b, spec, view):
+    """``jnp.einsum``; under Explicit axes (``spec``: the matrix's) its output sharding named."""
+    if spec is None:
+        return jnp.einsum(expr, a, b)
+    lhs, rhs_out = expr.split(",")
+    rhs, out = rhs_out.split("->")
+    dims = dict(zip(lhs[3:], a.shape[a.ndim - len(lhs) + 3:]))
+    dims.update(zip(rhs[3:], b.shape[b.ndim - len(rhs) + 3:]))
+    shape = tuple(a.shape[:a.ndim - len(lhs) + 3]) + tuple(dims[c] for c in out[3:])
+    return jnp.einsum(expr, a, b, out_sharding=_keep_axes(spec, shape, view))
+
+
 # Linear algebra ---------------------------------------------------------------------------------
 
 def _fix_sign(p, axis):
@@ -265,6 +328,8 @@ def _fix_sign(p, axis):
 
 def _new_projectors(g, plan: _Plan, left_dtype, right_dtype):
     g = g.astype(jnp.promote_types(g.dtype, jnp.float32))
+    if _explicit_spec(g) is not None:  # the SVD takes the whole matrix (an all-gather)
+        g = jax.sharding.reshard(g, PartitionSpec())
     u, _, vh = jnp.linalg.svd(g, full_matrices=False)
     left = right = optax.MaskedNode()
     if plan.side in ("left", "full"):
@@ -274,23 +339,23 @@ def _new_projectors(g, plan: _Plan, left_dtype, right_dtype):
     return left, right
 
 
-def _project(g, left, right, plan: _Plan):
+def _project(g, left, right, plan: _Plan, spec=None, view=None):
     if plan.side in ("left", "full"):
-        g = jnp.einsum("...mr,...mn->...rn", left, g)
+        g = _einsum("...mr,...mn->...rn", left, g, spec, view)
     if plan.side in ("right", "full"):
-        g = jnp.einsum("...mn,...rn->...mr", g, right)
+        g = _einsum("...mn,...rn->...mr", g, right, spec, view)
     return g
 
 
-def _project_back(x, left, right, plan: _Plan):
+def _project_back(x, left, right, plan: _Plan, spec=None, view=None):
     if plan.side in ("left", "full"):
-        x = jnp.einsum("...mr,...rn->...mn", left, x)
+        x = _einsum("...mr,...rn->...mn", left, x, spec, view)
     if plan.side in ("right", "full"):
-        x = jnp.einsum("...mr,...rn->...mn", x, right)
+        x = _einsum("...mr,...rn->...mn", x, right, spec, view)
     return x
 
 
-def _fira_residual(g, low_g, low_u, left, right, plan: _Plan, scale):
+def _fira_residual(g, low_g, low_u, left, right, plan: _Plan, scale, spec=None, view=None):
     """Fira's scaled residual ``phi * (G - alpha * back(R))`` before the limiter (official).
 
     ``phi`` is ``||rho(R)|| / (||R|| + 1e-8)`` taken across the projected axis, one value per
@@ -300,7 +365,8 @@ def _fira_residual(g, low_g, low_u, left, right, plan: _Plan, scale):
     f32 = jnp.promote_types(g.dtype, jnp.float32)
     norm = lambda x: jnp.sqrt(jnp.sum(jnp.square(x.astype(f32)), axis=axes, keepdims=True))
     phi = norm(low_u) / (norm(low_g) + _EPS)
-    resid = g.astype(f32) - scale * _project_back(low_g, left, right, plan).astype(f32)
+    back = _project_back(low_g, left, right, plan, spec, view)
+    resid = g.astype(f32) - scale * back.astype(f32)
     return resid * phi
 
 
@@ -348,10 +414,11 @@ def low_rank_transform(inner, *, rank, update_proj_gap, scale, proj_type, projec
                                 "leaves must be floating point (exclude it with "
                                 "projection_mask or cast it)")
             lshape, rshape = _projector_shapes(view, plan)
-            lefts.append(optax.MaskedNode() if lshape is None else jnp.zeros(lshape, x.dtype))
-            rights.append(optax.MaskedNode() if rshape is None else jnp.zeros(rshape, x.dtype))
-            norms.append(jnp.zeros(view[:-2], jnp.float32))
-            proxies.append(jnp.zeros(_low_shape(view, plan), x.dtype))
+            zeros = lambda shape, dtype: _zeros_like_param(x, shape, dtype, view)  # noqa: B023
+            lefts.append(optax.MaskedNode() if lshape is None else zeros(lshape, x.dtype))
+            rights.append(optax.MaskedNode() if rshape is None else zeros(rshape, x.dtype))
+            norms.append(zeros(view[:-2], jnp.float32))
+            proxies.append(zeros(_low_shape(view, plan), x.dtype))
         fields = dict(count=jnp.zeros([], jnp.int32), left=treedef.unflatten(lefts),
                       right=treedef.unflatten(rights),
                       inner_state=inner.init(treedef.unflatten(proxies)))
@@ -381,7 +448,11 @@ def low_rank_transform(inner, *, rank, update_proj_gap, scale, proj_type, projec
         def refresh():
             new = [_new_projectors(gs[i], plans[i], getattr(lefts[i], "dtype", None),
                                    getattr(rights[i], "dtype", None)) for i in idx]
-            return [a for a, _ in new], [b for _, b in new]
+            # under Explicit axes both branches of the cond must be typed alike
+            like = lambda p, old: (jax.sharding.reshard(p, jax.typeof(old).sharding)
+                                   if _is_explicit(old) else p)
+            return ([like(a, lefts[i]) for (a, _), i in zip(new, idx)],
+                    [like(b, rights[i]) for (_, b), i in zip(new, idx)])
 
         if idx:
             do = (state.count % update_proj_gap) == 0
@@ -390,7 +461,8 @@ def low_rank_transform(inner, *, rank, update_proj_gap, scale, proj_type, projec
                                                  [rights[i] for i in idx]))
             for k, i in enumerate(idx):
                 lefts[i], rights[i] = new_l[k], new_r[k]
-        lows = [g if p is None else _project(g, lefts[i], rights[i], p)
+        specs = [_explicit_spec(g) for g in gs]
+        lows = [g if p is None else _project(g, lefts[i], rights[i], p, specs[i], views[i])
                 for i, (g, p) in enumerate(zip(gs, plans))]
         low_u, inner_state = inner.update(treedef.unflatten(lows), state.inner_state, None,
                                           **extra_args)
@@ -399,9 +471,10 @@ def low_rank_transform(inner, *, rank, update_proj_gap, scale, proj_type, projec
         norms = treedef.flatten_up_to(state.residual_norm) if fira else None
         for i in idx:
             p = plans[i]
-            u = scale * _project_back(low_u[i], lefts[i], rights[i], p)
+            u = scale * _project_back(low_u[i], lefts[i], rights[i], p, specs[i], views[i])
             if fira:
-                s = _fira_residual(gs[i], lows[i], low_u[i], lefts[i], rights[i], p, scale)
+                s = _fira_residual(gs[i], lows[i], low_u[i], lefts[i], rights[i], p, scale,
+                                   specs[i], views[i])
                 s, norms[i] = _limit(s, norms[i], state.count == 0, gamma)
                 u = u + s
             out[i] = u.astype(leaves[i].dtype).reshape(leaves[i].shape)
