@@ -394,8 +394,18 @@ def quantize_blockwise(
     bits = _bits_for(len(values))
     block_size = int(block_size)
     shards = _resolve_shards(x, shards, like, block_size, bits)
-    sorted_values = search.sorted_values_of(values)
+    # Eagerly (a concrete array: init), one compiled program per leaf instead of one per op.
+    run = _quantize_jit if not isinstance(x, jax.core.Tracer) else _quantize
+    codes, stored = run(x, key, values=values, block_size=block_size, rounding=rounding,
+                        scale_dtype=scale_dtype.name, shards=shards)
+    return QuantizedArray(codes=codes, absmax=stored, shape=tuple(x.shape), dtype=x.dtype,
+                          block_size=block_size, codebook=values, bits=bits, shards=shards)
 
+
+def _quantize(x, key, *, values, block_size, rounding, scale_dtype, shards):
+    """``(codes, stored scales)`` of :func:`quantize_blockwise` (arguments checked)."""
+    bits = _bits_for(len(values))
+    sorted_values = search.sorted_values_of(values)
     xf = x.astype(jnp.float32)
     grid = 0
     if shards is not None:
@@ -428,8 +438,11 @@ def quantize_blockwise(
         codes = _pack4(codes)
     if shards is not None:
         codes = _layout.grid_out(codes, shards)
-    return QuantizedArray(codes=codes, absmax=stored, shape=tuple(x.shape), dtype=x.dtype,
-                          block_size=block_size, codebook=values, bits=bits, shards=shards)
+    return codes, stored
+
+
+_quantize_jit = jax.jit(_quantize, static_argnames=("values", "block_size", "rounding",
+                                                    "scale_dtype", "shards"))
 
 
 def dequantize_blockwise(q: QuantizedArray, *, tables: bool | None = None) -> jax.Array:
@@ -460,6 +473,12 @@ def dequantize_blockwise(q: QuantizedArray, *, tables: bool | None = None) -> ja
         raise ValueError(
             f"QuantizedArray of shape {q.shape}, {q.bits}-bit: codes have shape "
             f"{tuple(q.codes.shape)}, the {layout} needs {want_codes}")
+    if isinstance(q.codes, jax.core.Tracer) or isinstance(q.absmax, jax.core.Tracer):
+        return _dequantize(q, tables)
+    return _dequantize_jit(q, tables)
+
+
+def _dequantize(q: QuantizedArray, tables):
     codes, grid = q.codes, 0
     local = tuple(q.shape)
     if q.shards is not None:
@@ -474,3 +493,6 @@ def dequantize_blockwise(q: QuantizedArray, *, tables: bool | None = None) -> ja
     if q.shards is not None:
         out = _layout.grid_out(out, q.shards)
     return out.astype(q.dtype)
+
+
+_dequantize_jit = jax.jit(_dequantize, static_argnames=("tables",))
