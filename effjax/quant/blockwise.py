@@ -6,7 +6,8 @@ A tensor is cut into blocks of ``block_size`` consecutive elements; each block s
 
     codes_i = argmin_c |codebook[c] - x_i * (1 / absmax_b)|,   x_i ~= codebook[codes_i] * absmax_b
 
-Layout (chosen so that a parameter's sharding applies to its codes and scales unchanged):
+Layout (flat, bitsandbytes'; chosen so that a parameter's sharding applies to its codes and
+scales unchanged where shards hold whole blocks; see the shard-local layout below otherwise):
 
 * ``codes`` has the parameter's shape (uint8); 4-bit codes are packed two per byte along the
   last axis (element ``2j`` in the high nibble, ``2j+1`` in the low nibble; an odd last axis is
@@ -32,6 +33,31 @@ Layout (chosen so that a parameter's sharding applies to its codes and scales un
   ``g`` rows. :func:`block_view` gives the blocking view; ``absmax.shape`` is its leading axes
   plus the number of blocks (:func:`scales_shape`).
 
+Shard-local layout (``QuantizedArray.shards``), for sharded arrays whose shards would cut
+flat blocks (a ``(512, 384)`` leaf sharded ``P('x', 'y')`` on a 4 x 2 mesh: rows of 192 per
+shard; ``(1000, 1000)``): with ``n_i`` shards along axis ``i`` (``s_i = N_i / n_i`` elements
+each), the array is viewed as ``(n_0, s_0, n_1, s_1, ...)``, transposed to the shard grid
+first, ``(n_0, n_1, ..., s_0, s_1, ...)``, and each shard's local array ``(s_0, s_1, ...)`` is
+blocked as above (merged trailing axes, grouped rows). Every block lies inside one shard, so
+quantizing, dequantizing and an optimizer step need no communication: ``codes`` keep the
+parameter's shape and sharding (4-bit: each shard's last axis packed on its own) and
+``absmax.shape == (n_0, n_1, ...) + scales_shape(local)``, sharded over the same mesh axes.
+It costs at most a short last block per local row (``experiments/sharded_layout.py``: 2.031
+bytes per parameter for two 8-bit moments of a 384-wide leaf, flat or shard-local).
+
+* Which layout: :func:`quantize_blockwise` reads the shards per axis from its input (a
+  concrete array's ``.sharding``; under Explicit mesh axes the sharding in its type, also
+  inside jit) and keeps the flat layout wherever its blocks already lie inside shards
+  (unsharded arrays, arrays sharded along leading axes, or along the blocked axis in chunks of
+  whole blocks: :func:`shard_layout`); on one device the numbers are exactly the flat ones.
+* The layout is static and stays: requantize with ``like=old`` (``quantize_state`` does), so
+  the state's structure is the same at every step, and a state restored on another mesh (or
+  one device) keeps its layout; it is then correct, merely not shard-local.
+* Under jit with Auto mesh axes a tracer carries no sharding: ``quantize_blockwise`` of a
+  fresh array there gets the flat layout (a jitted ``init``, even with ``out_shardings``,
+  gives the flat layout). Call ``init`` eagerly on the sharded parameters (as usual), use
+  Explicit axes, or pass ``shards=`` explicitly.
+
 Scales (``scale_dtype``): float32 by default (bitsandbytes' and torchao's format). With
 ``scale_dtype=jnp.bfloat16`` each block stores the smallest bfloat16 ``s >= absmax`` (the float32
 absmax rounded *up*, at most 2**-7 above it) and codes are found for ``x * (1 / s)``, so every
@@ -40,6 +66,11 @@ scaled value still lies in ``[-1, 1]``; this halves the scales' memory (8-bit mo
 the cost of a codebook stretched by at most 2**-7 (0.8%) over the block's range. A block whose
 absmax is above the largest finite bfloat16 (about 3.39e38) stores that value, and its
 largest elements saturate to it (relative error below 2**-7).
+
+Zero-size arrays quantize to empty codes and scales (``scales_shape`` gives their shape) and
+dequantize to an empty array. A row that is a single block (a last axis, or merged axes,
+shorter than ``block_size``) is never padded past its length, so a huge ``block_size`` costs
+no memory (the scales are the same: padding zeros never change a block's ``max |x|``).
 
 Non-finite input: a block holding NaN or +-inf gets ``absmax = NaN``, so every element of that
 block dequantizes to NaN (loud, never a plausible wrong number); other blocks are unaffected.
@@ -228,7 +259,7 @@ def _blocks(x: jax.Array, block_size: int, grid: int = 0):
     view = block_view(shape, block_size)
     lead, length = view[:-1], view[-1]
     nblocks = -(-length // block_size)
-    width = block_size if nblocks > 1 else length
+    width = length if nblocks == 1 else block_size
     flat = _layout.reshape(x, head + lead + (length,))
     pad = nblocks * width - length
     if pad:
