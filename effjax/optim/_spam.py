@@ -28,8 +28,6 @@ unsigned map); the step counter stays int32. Wrapping the alias in ``quantize_st
 quantizes the same leaves the same way.
 """
 
-from __future__ import annotations
-
 from typing import Any, NamedTuple
 
 import jax
@@ -47,6 +45,7 @@ from effjax.optim._spike_utils import (
     finite,
     leaves_like,
     maybe_quantize,
+    square_limit,
     weight_decay_stage,
     zero_nonfinite_updates,
 )
@@ -141,7 +140,8 @@ def scale_by_spam(
 
         def leaf(g_in, mu_in, nu_in):
             dtype = jnp.promote_types(g_in.dtype, jnp.float32)
-            g = finite(g_in).astype(dtype)
+            big = square_limit(dtype)  # g * g and the moments stay finite
+            g = jnp.clip(finite(g_in).astype(dtype), -big, big)
             mu = jnp.where(reset, 0.0, mu_in.astype(dtype))
             nu = jnp.where(reset, 0.0, nu_in.astype(dtype))
             if threshold is not None:

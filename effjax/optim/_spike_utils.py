@@ -1,4 +1,5 @@
-"""Helpers shared by SPAM and Stable-SPAM: EMA decays, leaf checks, non-finite rules."""
+"""Helpers shared by SPAM and Stable-SPAM: EMA decays, leaf checks, non-finite and overflow
+rules."""
 
 from __future__ import annotations
 
@@ -8,12 +9,13 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax import lax
 
 from effjax.optim._checks import is_number, tree_difference
 from effjax.optim._quantize_state import quantize_state
 
 __all__ = ["Decay", "decay", "leaves_like", "finite", "zero_nonfinite_updates", "maybe_quantize",
-           "weight_decay_stage"]
+           "weight_decay_stage", "square_limit", "scaled_norm", "squares_in_range"]
 
 
 class Decay(NamedTuple):
@@ -60,6 +62,56 @@ def leaves_like(updates, tree, where: str, *, shapes: bool = True):
 
 def finite(g):
     return jnp.where(jnp.isfinite(g), g, jnp.zeros_like(g))
+
+
+def square_limit(dtype) -> float:
+    """``2**63`` for float32 (``2**511`` for float64): the power of two whose square is a quarter
+    of the largest finite value's binade, so that ``x * x`` and an EMA of such squares stay
+    finite for ``|x|`` up to it."""
+    return 2.0 ** ((jnp.finfo(dtype).maxexp - 2) // 2)
+
+
+def _pow2(e, dtype):
+    """``2.0**e`` in ``dtype`` (float32 or float64), exactly, for integer ``e`` in the normal
+    exponent range (built from its bits: no rounding)."""
+    info = jnp.finfo(dtype)
+    int_dtype = jnp.int32 if info.bits == 32 else jnp.int64
+    return lax.bitcast_convert_type((e.astype(int_dtype) + (info.maxexp - 1)) << info.nmant,
+                                    dtype)
+
+
+def _pow2_scale(amax):
+    """``(s, 1 / s)``: the power of two ``s`` with ``amax / s`` in [0.5, 1), clamped so that both
+    are normal numbers of ``amax``'s dtype (float32 or float64). Dividing by ``s`` is exact; a
+    scalar divisor near the top of the range should be divided by ``s`` first, since XLA
+    computes ``x / d`` as ``x * (1 / d)`` and ``1 / d`` is flushed to 0 for ``d >= 2^126``."""
+    info = jnp.finfo(amax.dtype)
+    _, e = jnp.frexp(amax)  # amax = f 2^e, f in [0.5, 1)
+    e = jnp.clip(e, info.minexp, info.maxexp - 2)
+    return _pow2(e, amax.dtype), _pow2(-e, amax.dtype)
+
+
+def scaled_norm(x):
+    """``(s, r)`` with ``||x||_2 = s * r`` computed without overflow or underflow.
+
+    As LAPACK's ``nrm2``, ``x`` is divided by a scale near ``max |x|`` before it is squared;
+    the scale ``s`` is a power of two (:func:`_pow2_scale`), so the divisions and the square root
+    are exact (the sum may still round differently from ``sum(x * x)``: XLA vectorizes the two
+    reductions differently). ``x`` is float32 or float64 (finite); ``r = 0`` for a zero (or
+    empty) ``x``.
+    """
+    amax = jnp.max(jnp.abs(x)) if x.size else jnp.zeros([], x.dtype)
+    s, inv = _pow2_scale(amax)
+    y = x * inv
+    return s, jnp.sqrt(jnp.sum(y * y))
+
+
+def squares_in_range(sq, n: int):
+    """Whether ``sq = sum(x * x)`` over ``n`` elements is as accurate as the dtype allows: finite,
+    and far enough above the smallest normal number that the squares flushed below it weigh
+    less than half an ulp of the sum."""
+    info = jnp.finfo(sq.dtype)
+    return jnp.isfinite(sq) & (sq >= float(info.tiny) * 2.0 ** (info.nmant + 1) * max(n, 1))
 
 
 def zero_nonfinite_updates(inner: optax.GradientTransformation):

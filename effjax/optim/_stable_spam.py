@@ -64,8 +64,6 @@ Low-bit states: ``state_bits=8`` or ``4`` stores Adam's moments with
 per-tensor statistics (float32 scalars) and counters are never quantized.
 """
 
-from __future__ import annotations
-
 import types
 from typing import Any, NamedTuple
 
@@ -86,6 +84,9 @@ from effjax.optim._spike_utils import (
     finite,
     leaves_like,
     maybe_quantize,
+    scaled_norm,
+    square_limit,
+    squares_in_range,
     weight_decay_stage,
     zero_nonfinite_updates,
 )
@@ -146,23 +147,57 @@ def _scalars(params):
 
 
 def _ada_clip(g, m_max, k, theta: Decay):
-    """AdaClip on one tensor (``g`` finite, float32); returns ``(g, m_max)``."""
+    """AdaClip on one tensor (``g`` finite, float32 or wider); returns ``(g, m_max)``, ``m_max``
+    in its own dtype. The official expressions; a threshold beyond the dtype's range (inf) clips
+    nothing, and where ``max|g| > 2^63`` (float32) ``g / max|g|`` divides both by ``2^63`` first
+    (XLA divides by a scalar as ``x * (1 / d)``, and ``1 / d`` flushes to 0 for ``d >= 2^126``)."""
     gmax = jnp.max(jnp.abs(g)) if g.size else jnp.zeros([], g.dtype)
-    m_max = theta.d * m_max + theta.one_minus * gmax
-    hat = m_max / theta.bias_correction(k)
+    new_max = theta.d * m_max + theta.one_minus * gmax
+    hat = new_max / theta.bias_correction(k)
     spike = jnp.abs(g) > hat
     safe_max = jnp.where(gmax > 0, gmax, 1.0)
-    return jnp.where(spike, g / safe_max * hat, g), m_max
+    limit = square_limit(g.dtype)
+    big = safe_max > limit
+    num, den = jnp.where(big, g / limit, g), jnp.where(big, safe_max / limit, safe_max)
+    return jnp.where(spike, num / den * hat, g), new_max.astype(m_max.dtype)
 
 
 def _ada_gn(g, m_norm, v_norm, k, g1: Decay, g2: Decay, eps):
-    """AdaGN on one tensor (``g`` finite, float32); returns ``(g, m_norm, v_norm)``."""
-    norm = jnp.sqrt(jnp.sum(g * g))
-    m_norm = g1.d * m_norm + g1.one_minus * norm
-    v_norm = g2.d * v_norm + g2.one_minus * (norm * norm)
-    c = (m_norm / g1.bias_correction(k)) / (jnp.sqrt(v_norm / g2.bias_correction(k)) + eps)
-    safe_norm = jnp.where(norm > 0, norm, 1.0)
-    return jnp.where(norm > 0, g / safe_norm * c, g), m_norm, v_norm
+    """AdaGN on one tensor (``g`` finite, float32 or wider); returns ``(g, m_norm, v_norm)``, the
+    statistics in their own dtype.
+
+    The official expressions wherever they neither overflow nor underflow. Where
+    ``||g|| > 2^63`` (float32: ``||g||^2`` could overflow), ``v / bc2`` overflows or the sum of
+    squares underflows, the norm is taken scaled (:func:`scaled_norm`), the statistics take it
+    clamped to ``2^63``, ``m_norm`` and ``v_norm`` alike, so that their ratio, which is all
+    ``c`` depends on, is that of the clamped spike; and ``sqrt(v / bc2)`` is
+    ``sqrt(v) / sqrt(bc2)``."""
+    bc1, bc2 = g1.bias_correction(k), g2.bias_correction(k)
+    limit = square_limit(g.dtype)
+
+    def stats(norm):
+        new_m = g1.d * m_norm + g1.one_minus * norm
+        new_v = g2.d * v_norm + g2.one_minus * (norm * norm)
+        return new_m, new_v, new_v / bc2
+
+    # The official expressions, computed whole and selected at the end: XLA then rounds them
+    # as it did before the fallback existed (selecting their inputs instead moves an ulp).
+    sq = jnp.sum(g * g)
+    norm = jnp.sqrt(sq)
+    new_m, new_v, q = stats(norm)
+    c = (new_m / bc1) / (jnp.sqrt(q) + eps)
+    out = g / jnp.where(norm > 0, norm, 1.0) * c
+
+    s, r = scaled_norm(g)  # the fallback: ||g|| = s r
+    safe_m, safe_v, safe_q = stats(jnp.minimum(s * r, limit))
+    root = jnp.where(jnp.isfinite(safe_q), jnp.sqrt(safe_q), jnp.sqrt(safe_v) / jnp.sqrt(bc2))
+    safe_c = (safe_m / bc1) / (root + eps)
+    safe_out = g * (1.0 / s) / jnp.where(r > 0, r, 1.0) * safe_c  # 1 / s: a power of two
+
+    official = squares_in_range(sq, g.size) & (norm <= limit) & jnp.isfinite(q)
+    new_m, new_v = jnp.where(official, new_m, safe_m), jnp.where(official, new_v, safe_v)
+    out = jnp.where(r > 0, jnp.where(official, out, safe_out), g)
+    return out, new_m.astype(m_norm.dtype), new_v.astype(v_norm.dtype)
 
 
 def _cosine(t, total_steps, eta_min) -> Decay:
