@@ -17,12 +17,10 @@ Every function accepts a schedule (a callable of the step, as optax's) in place 
 then returns a schedule.
 """
 
-from __future__ import annotations
-
 import math
-from collections.abc import Callable
 
 import numpy as np
+import optax
 
 __all__ = ["scale_learning_rate", "lr_for_batch_size", "adam_hyperparams_for_batch_size",
            "SQRT_RULE_OPTIMIZERS", "LINEAR_RULE_OPTIMIZERS"]
@@ -61,8 +59,8 @@ def _times(value, factor: float, name: str):
     return _check_positive(name, value) * factor
 
 
-def scale_learning_rate(learning_rate: float | Callable, base_batch_size: int, batch_size: int,
-                        *, rule: str = "sqrt") -> float | Callable:
+def scale_learning_rate(learning_rate: optax.ScalarOrSchedule, base_batch_size: int,
+                        batch_size: int, *, rule: str = "sqrt") -> optax.ScalarOrSchedule:
     """The learning rate for ``batch_size``, given one tuned at ``base_batch_size``.
 
         kappa = batch_size / base_batch_size
@@ -96,8 +94,8 @@ def scale_learning_rate(learning_rate: float | Callable, base_batch_size: int, b
                   "learning_rate")
 
 
-def lr_for_batch_size(learning_rate: float | Callable, base_batch_size: int, batch_size: int,
-                      *, optimizer: str) -> float | Callable:
+def lr_for_batch_size(learning_rate: optax.ScalarOrSchedule, base_batch_size: int,
+                      batch_size: int, *, optimizer: str) -> optax.ScalarOrSchedule:
     """:func:`scale_learning_rate` with the rule of ``optimizer``'s family.
 
     ``"adam"``, ``"adamw"``, ``"rmsprop"``: square-root rule (Malladi et al. 2022);
@@ -124,7 +122,7 @@ def lr_for_batch_size(learning_rate: float | Callable, base_batch_size: int, bat
 
 
 def adam_hyperparams_for_batch_size(base_batch_size: int, batch_size: int, *,
-                                    learning_rate: float | Callable, b1: float = 0.9,
+                                    learning_rate: optax.ScalarOrSchedule, b1: float = 0.9,
                                     b2: float = 0.999, eps: float = 1e-8) -> dict:
     """Malladi et al.'s (2022) square-root scaling rule for Adam, all hyper-parameters.
 
