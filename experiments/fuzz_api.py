@@ -591,9 +591,28 @@ def _constructor_cases(rng) -> list[Case]:
                 ("block_size",), val(v))
     for name in ("adamw_8bit", "adamw_4bit"):
         factory = _optimizers()[name][0]
-        add(f"{name}/block_size=10**9", lambda factory=factory: factory(
-            block_size=10**9, min_quantized_size=0), ("block_size",) + leaf("w"), val(10**9),
-            "error naming block_size (a bound) and the leaf, not an OOM")
+
+        def huge_block(factory=factory):
+            p0 = _asj(p)
+            gs = [_asj({k: v * 0.1 for k, v in p.items()})] * 3
+            hist = run_steps(factory(block_size=10**9, min_quantized_size=0), p0, gs)
+            return hist, p0, gs
+
+        def huge_ok(res):
+            import jax
+
+            nbytes = sum(x.nbytes for x in jax.tree.leaves(res[0][-1][2]))
+            n = sum(x.size for x in p.values())
+            if nbytes > 4 * n + 4096:  # two 8-bit moments: 2 bytes per parameter
+                return f"state of {nbytes} bytes for {n} parameters"
+            return check_steps(*res, step=LR)
+
+        cases.append(Case(
+            f"optim/{name}/block_size=10**9", "optim", huge_block,
+            ("block_size",) + leaf("w"), val(10**9), huge_ok,
+            "a block larger than every leaf: 3 finite bounded steps with a state of about 2 "
+            "bytes per parameter (one unpadded block per leaf), or a clear error naming "
+            "block_size (a bound) and the leaf; not an OOM"))
     for name in ("adamw_8bit", "lion_8bit", "adam_4bit"):
         factory = _optimizers()[name][0]
         for v in (-1, "0", 1.5):
