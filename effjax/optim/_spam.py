@@ -21,6 +21,9 @@ acknowledged bug). The warm-up factor at a reset step is 0.01, not 0 (the code's
 Non-finite gradients: a NaN or +-inf gradient element counts as 0 in every statistic (moments
 and the spike test), so the state stays finite, and its update is 0 (the parameter does not
 move, weight decay included). Use ``optax.apply_if_finite`` to skip whole steps instead.
+A finite element beyond ``2^63`` (float32; its square would overflow) enters the moments as
+``+-2^63``: Adam's ``m / sqrt(v)`` is scale-free, so its updates are the float64 algorithm's
+within rounding while the spike dominates its moments, and nothing overflows.
 
 Low-bit states: ``state_bits=8`` or ``4`` stores the moments with
 :func:`effjax.optim.quantize_state` (``m`` on the signed map, ``v`` on the

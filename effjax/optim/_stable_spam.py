@@ -50,7 +50,11 @@ steps and ``eta_min=0.5``.
 
 Non-finite gradients: in :func:`scale_by_stable_spam` / :func:`stable_spam` a NaN or +-inf
 element counts as 0 in every statistic (max-|g|, norm, moments), so the state stays finite, and
-its update is 0 (weight decay included). :func:`adaptive_spike_clip` and
+its update is 0 (weight decay included). Huge finite elements overflow nothing: the norm is
+computed scaled (as LAPACK's ``nrm2``) where ``||g||^2`` would overflow, and AdaGN's statistics
+then take it clamped to ``2^63`` (float32), ``m_norm`` and ``v_norm`` alike, so that ``c``, a
+ratio of the two, is the float64 algorithm's within rounding while the spike dominates them;
+below that the official expressions run unchanged. :func:`adaptive_spike_clip` and
 :func:`adaptive_grad_norm` also count it as 0 in their statistics but pass the element through
 unchanged (the rest of the chain decides).
 
