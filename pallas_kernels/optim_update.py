@@ -16,8 +16,9 @@ same expressions and dtypes as optax (``optax.scale_by_adam`` + ``add_decayed_we
 * lion: ``u = -lr (sign((1-b1) g + b1 m) + wd p)``, ``m' = (1-b2) g + b2 m``;
 * sgd: ``m' = g + mu m``, ``u = -lr m'`` (nesterov: ``-lr (g + mu m')``).
 
-Non-finite gradients follow :func:`effjax.optim.quantize_state`: the update of an element with a
-NaN/inf gradient is 0 and every non-finite new moment element is stored as 0 before the absmax.
+Non-finite values follow :func:`effjax.optim.quantize_state`'s rule: an element whose gradient,
+update or any new moment is not finite (a finite gradient whose square overflows included) gets
+update 0 and all its new moments 0, before the absmax.
 
 Exactness (status, CPU interpret mode): the kernel runs the reference's expressions in the
 same dtypes (Python-number scalars are baked in, keeping JAX's weak typing so bfloat16 moments
@@ -77,7 +78,7 @@ from pallas_kernels import blockwise as bw
 
 __all__ = [
     "adam_rule", "lion_rule", "sgd_rule", "fused_update", "fused_update_reference",
-    "fused_update_chunked", "chunk_pays", "float32_scales", "kernel_available",
+    "fused_update_chunked", "chunk_pays", "float32_scales", "kernel_available", "reset_bad",
     "VALIDATED_BACKENDS",
 ]
 
@@ -150,8 +151,15 @@ def _split_scalars(scalars: dict):
     return static, names, values, dtypes
 
 
-def _finite(x):
-    return jnp.where(jnp.isfinite(x), x, jnp.zeros_like(x))
+def reset_bad(g, u, new):
+    """:func:`effjax.optim.quantize_state`'s non-finite rule on one leaf (or tile): where the
+    gradient, the update or any new moment is not finite, the update and every new moment are
+    0. Returns ``(u, new)``."""
+    bad = ~jnp.isfinite(g) | ~jnp.isfinite(u)
+    for m in new:
+        bad = bad | ~jnp.isfinite(m)
+    return (jnp.where(bad, jnp.zeros_like(u), u),
+            tuple(jnp.where(bad, jnp.zeros_like(m), m) for m in new))
 
 
 def float32_scales(moments) -> bool:
@@ -174,17 +182,21 @@ def _check_leaf(g, p, moments, name):
                          f"shape {tuple(g.shape)}")
     if len({(q.block_size, q.bits) for q in moments}) != 1:
         raise ValueError(f"{name}: moments with different block sizes or bits")
+    if any(q.shards is not None for q in moments):
+        raise ValueError(f"{name}: the fused steps take bitsandbytes' flat block layout; this "
+                         f"moment has the shard-local layout (shards={moments[0].shards}): use "
+                         "the unfused jnp step (effjax.quant.blockwise's docstring)")
 
 
 def fused_update_reference(rule, g, p, moments, scalars, *, name="<leaf>"):
     """Pure-jnp reference of :func:`fused_update` (effjax.quant's dequantize / quantize)."""
     _check_leaf(g, p, moments, name)
     floats = tuple(dequantize_blockwise(q) for q in moments)
-    u, new = rule(g, p, floats, scalars)
-    new_q = tuple(quantize_blockwise(_finite(m), codebook=q.codebook, block_size=q.block_size,
+    u, new = reset_bad(g, *rule(g, p, floats, scalars))
+    new_q = tuple(quantize_blockwise(m, codebook=q.codebook, block_size=q.block_size,
                                      scale_dtype=q.absmax.dtype)
                   for m, q in zip(new, moments))
-    return jnp.where(jnp.isfinite(g), u, jnp.zeros_like(u)), new_q
+    return u, new_q
 
 
 #: Elements per chunk of :func:`fused_update_chunked` (256 KiB of float32 per temporary;
@@ -256,8 +268,8 @@ def fused_update_chunked(rule, g, p, moments, scalars, *, chunk_elems: int | Non
     # same decode feeding the update and the requantization, which XLA materializes.
     per = max(1, min((CHUNK_ELEMS if chunk_elems is None else int(chunk_elems)) // bs,
                      -(-n_blocks // 2)))
-    u, new_whole = rule(g, p, tuple(dequantize_blockwise(q) for q in moments), scalars)
-    u = jnp.where(jnp.isfinite(g), u, jnp.zeros_like(u))
+    u, new_whole = reset_bad(g, *rule(g, p, tuple(dequantize_blockwise(q) for q in moments),
+                                      scalars))
     cols = bs * bits // 8
     g2 = g.reshape(n_blocks, bs)
     p2 = None if p is None else jnp.asarray(p).reshape(n_blocks, bs)
@@ -379,13 +391,13 @@ def fused_update(rule, g, p, moments, scalars, *, interpret: bool | None = None,
         sc = dict(static, div=functools.partial(bw.exact_div, gpu_asm=gpu_asm))
         for k, (nm, dt) in enumerate(zip(dyn_names, dyn_dtypes)):
             sc[nm] = s_ref[0, k].astype(dt)
-        u, new = rule(g_t, p_t, floats, sc)
-        u = jnp.where(jnp.isfinite(g_t), u, jnp.zeros_like(u)).astype(u_aval.dtype)
+        u, new = reset_bad(g_t, *rule(g_t, p_t, floats, sc))
+        u = u.astype(u_aval.dtype)
         if apply:  # optax.apply_updates' expression
             u = jnp.asarray(p_t + u).astype(p_t.dtype)
         bw.store(u_ref, u, masks.value)
         for m, (_, _, tables), cb, (c_ref, a_ref) in zip(new, loaded, cbs, out_refs):
-            codes, absmax = bw.quantize_tile(_finite(m).astype(jnp.float32), valid, lay, cb,
+            codes, absmax = bw.quantize_tile(m.astype(jnp.float32), valid, lay, cb,
                                              tables, gpu_asm=gpu_asm)
             bw.store(c_ref, codes, masks.code)
             bw.store(a_ref, absmax, masks.scale)

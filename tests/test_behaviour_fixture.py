@@ -1,5 +1,12 @@
 """Optimizer states and adapter outputs equal, bit for bit, what the tree before issue 18's
-refactor computed (``tests/fixtures/behaviour.py`` says how the fixture was made)."""
+refactor computed (``tests/fixtures/behaviour.py`` says how the fixture was made).
+
+Exception (issue 19): the non-finite rule of ``quantize_state`` (an element whose gradient,
+update or any moment is not finite has all its moments reset) adds masks to every quantized
+step. No element of the fixture's run is affected (its values are finite), but XLA:CPU then
+fuses the SPAM graphs differently and contracts other multiply-adds, so the float leaves of
+the two 8-bit SPAM rows moved by at most 0.86 float32 ulps of the leaf's largest magnitude
+(measured); their codes, counters and every other row stay bit-identical."""
 
 from __future__ import annotations
 
@@ -10,9 +17,10 @@ from tests.fixtures import behaviour
 from tests.peft.conformance_case import collect_cases
 
 _FIXTURE = dict(np.load(behaviour.FIXTURE))
+_REFUSED = {"spam_8bit": 2, "stable_spam_8bit": 2}  # row -> ulps of the leaf's max (docstring)
 
 
-def _assert_same(got: dict[str, np.ndarray], prefix: str):
+def _assert_same(got: dict[str, np.ndarray], prefix: str, ulps: int = 0):
     want = {k: v for k, v in _FIXTURE.items() if k.startswith(prefix)}
     assert want, f"the fixture has no entries under {prefix!r}"
     assert sorted(got) == sorted(want), "the state's structure changed"
@@ -24,13 +32,17 @@ def _assert_same(got: dict[str, np.ndarray], prefix: str):
             assert g.tobytes() == v.tobytes(), k
             continue
         assert g.dtype == v.dtype, (k, g.dtype, v.dtype)
-        np.testing.assert_array_equal(g, v, err_msg=k, strict=True)
+        if ulps and v.dtype.kind == "f" and v.size:
+            atol = ulps * float(np.finfo(np.float32).eps) * float(np.abs(v).max())
+            np.testing.assert_allclose(g, v, rtol=0, atol=atol, err_msg=k)
+        else:
+            np.testing.assert_array_equal(g, v, err_msg=k, strict=True)
 
 
 @pytest.mark.parametrize("name", sorted(behaviour.optimizers()))
 def test_optimizer_state_unchanged(name):
     got = behaviour.optim_entries(name, behaviour.optimizers()[name])
-    _assert_same(got, f"optim/{name}/")
+    _assert_same(got, f"optim/{name}/", _REFUSED.get(name, 0))
 
 
 @pytest.mark.parametrize("name", sorted(collect_cases()))

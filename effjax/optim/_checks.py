@@ -8,6 +8,11 @@ import numbers
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+
+#: Largest block a low-bit state may use (bitsandbytes goes up to 4096; larger blocks only cost
+#: accuracy, and a block is padded to its full size in memory).
+MAX_BLOCK_SIZE = 2**16
 
 
 def check_quant_args(*, bits, block_size, min_quantized_size) -> None:
@@ -23,8 +28,9 @@ def check_quant_args(*, bits, block_size, min_quantized_size) -> None:
         raise ValueError(f"bits must be 4 or 8, got {bits!r}")
     if block_size is not None:
         if (not isinstance(block_size, (int, np.integer)) or isinstance(block_size, bool)
-                or block_size < 2):
-            raise ValueError(f"block_size must be an int >= 2, got {block_size!r}")
+                or not 2 <= block_size <= MAX_BLOCK_SIZE):
+            raise ValueError(f"block_size must be an int in [2, {MAX_BLOCK_SIZE}], got "
+                             f"{block_size!r}")
         if bits == 4 and block_size % 2:
             raise ValueError(f"4-bit states pack two codes a byte: block_size must be even, "
                              f"got {block_size}")
@@ -134,3 +140,38 @@ def check_params_like_updates(updates, params, *, where: str) -> None:
             raise ValueError(
                 f"{where}: update {name} has shape {jnp.shape(u)} but the parameter has "
                 f"shape {jnp.shape(p)}")
+
+
+def check_updates_like_state(updates, state_tree, *, where: str, what: str) -> None:
+    """Raise ``ValueError`` naming the leaves when ``updates`` does not have the tree structure
+    of ``state_tree`` (a state subtree built from the params given to init, ``optax.MaskedNode``
+    where a leaf has no entry)."""
+    masked = lambda x: isinstance(x, optax.MaskedNode)
+    u_def = jax.tree.structure(updates, is_leaf=masked)
+    s_def = jax.tree.structure(state_tree, is_leaf=masked)
+    if u_def != s_def:
+        paths = [{leaf_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(
+            t, is_leaf=masked)[0]} for t in (updates, state_tree)]
+        parts = [f"{name}: {', '.join(sorted(x)[:8])}" for name, x in (
+            ("missing from the updates", paths[1] - paths[0]),
+            (f"not in {what}", paths[0] - paths[1])) if x]
+        raise ValueError(f"{where}: the updates' tree differs from the parameters given to "
+                         f"init ({'; '.join(parts) or 'the same paths, other node types'})")
+
+
+def check_state_shapes(init_fn, like, state, *, where: str) -> None:
+    """Raise ``ValueError`` naming the state leaf whose shape differs from the one ``init_fn``
+    makes for ``like`` (a tree of ``jax.ShapeDtypeStruct``): updates of other shapes than the
+    parameters given to init."""
+    want = jax.eval_shape(init_fn, like)
+    got_leaves, got_def = jax.tree_util.tree_flatten_with_path(state)
+    want_leaves, want_def = jax.tree_util.tree_flatten_with_path(want)
+    if got_def != want_def:
+        raise ValueError(f"{where}: the state's structure differs from the one init makes for "
+                         f"these updates ({tree_difference(want, state, 'the state')}); were the "
+                         "updates made for other parameters?")
+    for (path, got), (_, w) in zip(got_leaves, want_leaves):
+        if jnp.shape(got) != tuple(w.shape):
+            raise ValueError(f"{where}: state leaf {leaf_name(path)} has shape "
+                             f"{jnp.shape(got)}, but these updates need {tuple(w.shape)}: the "
+                             "updates must have the shapes of the parameters given to init")

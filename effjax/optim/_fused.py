@@ -227,8 +227,8 @@ def _step(reference, spec: FusedSpec, path: str, apply: bool, interpret, tile_el
                 for f in _FIELDS[spec.algo]]
     for i, (kpath, g) in enumerate(flat_g):
         ms = tuple(m[i] for m in flat_m)
-        if not _is_q(ms[0]):
-            continue
+        if not _is_q(ms[0]) or any(q.shards is not None for q in ms):
+            continue  # float32 state, or the shard-local layout: the unfused jnp step
         leaf_s = dict(s)
         if use_wd and decay_mask[i]:
             leaf_s["wd"] = wd

@@ -92,7 +92,12 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-from effjax.optim._checks import is_number
+from effjax.optim._checks import (
+    check_params_like_updates,
+    check_state_shapes,
+    check_updates_like_state,
+    is_number,
+)
 
 __all__ = ["GaLoreState", "FiraState", "galore", "galore_adamw", "scale_by_adam_uncorrected",
            "adam_bias_correction", "PROJ_TYPES"]
@@ -427,7 +432,10 @@ def low_rank_transform(inner, *, rank, update_proj_gap, scale, proj_type, projec
         return state_cls(**fields)
 
     def update_fn(updates, state, params=None, **extra_args):
+        if params is not None:
+            check_params_like_updates(updates, params, where=where)
         del params  # the inner optimizer works on low-rank shapes: it gets params=None
+        check_updates_like_state(updates, state.left, where=where, what="the parameters")
         leaves, treedef, paths, plans, views = plans_of(updates)
         lefts = treedef.flatten_up_to(state.left)
         rights = treedef.flatten_up_to(state.right)
@@ -464,6 +472,9 @@ def low_rank_transform(inner, *, rank, update_proj_gap, scale, proj_type, projec
         specs = [_explicit_spec(g) for g in gs]
         lows = [g if p is None else _project(g, lefts[i], rights[i], p, specs[i], views[i])
                 for i, (g, p) in enumerate(zip(gs, plans))]
+        check_state_shapes(inner.init, treedef.unflatten(
+            [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in lows]), state.inner_state,
+            where=where)
         low_u, inner_state = inner.update(treedef.unflatten(lows), state.inner_state, None,
                                           **extra_args)
         low_u = treedef.flatten_up_to(low_u)

@@ -16,9 +16,10 @@
 // comparison is on the integer bits of |y|, one gather per element. Bucket 0 also holds every
 // |y| below its first float (down to 0), so its thresholds are compared as floats. Codebooks of
 // at most 16 values (4-bit) skip the table: the sorted index is the count of the (at most 15)
-// thresholds <= y, computed here from the values as effjax.quant does. Non-finite
-// gradients: the update of that element is 0 and non-finite new moments are stored as 0
-// (effjax.optim.quantize_state).
+// thresholds <= y, computed here from the values as effjax.quant does. Non-finite values
+// (effjax.optim.quantize_state's rule): an element whose gradient, update or any new moment is
+// not finite (a finite gradient whose square overflows included) gets update 0 and all its new
+// moments 0.
 //
 // Blocks are independent, so ranges of blocks run on XLA's intra-op thread pool. Codes and
 // scales may be written in place (the Python side aliases them): a block is decoded into
@@ -173,7 +174,8 @@ void encode_block(const Moment& m, int64_t b, int64_t bs, int bits, const float*
 }
 
 struct Step;
-// One block's rule: x0/x1 hold the old moments on entry and the new (finite) moments on exit.
+// One block's rule: x0/x1 hold the old moments on entry and the new moments on exit (those of
+// a bad element 0).
 using Rule = void (*)(const Step&, int64_t b, float* __restrict x0, float* __restrict x1);
 
 struct Step {
@@ -188,8 +190,8 @@ struct Step {
 };
 
 // The rules of pallas_kernels/optim_update.py (adam_rule, lion_rule, sgd_rule) on one element:
-// the update before the common tail, and the new moments (x0, x1) in place, stored as 0 where
-// not finite.
+// the update before the common tail, and the new moments (x0, x1) in place. A rule with one
+// moment leaves x1 alone (scratch holding zeros).
 struct AdamRule {
   float c1, b1, c2, b2, bc1, bc2, bc1n, eps_root, eps;
   explicit AdamRule(const float* s)
@@ -200,8 +202,8 @@ struct AdamRule {
     const float mu = c1 * gi + b1 * x0;
     const float nu = c2 * (gi * gi) + b2 * x1;
     const float mu_hat = kNest ? b1 * (mu / bc1n) + c1 * (gi / bc1) : mu / bc1;
-    x0 = finite(mu) ? mu : 0.0f;
-    x1 = finite(nu) ? nu : 0.0f;
+    x0 = mu;
+    x1 = nu;
     return mu_hat / (__builtin_sqrtf(nu / bc2 + eps_root) + eps);
   }
 };
@@ -214,7 +216,7 @@ struct LionRule {
     const float z = c1 * gi + b1 * x0;
     const float u = z > 0.0f ? 1.0f : (z < 0.0f ? -1.0f : z);  // jnp.sign (0, -0, NaN kept)
     const float mu = c2 * gi + b2 * x0;
-    x0 = finite(mu) ? mu : 0.0f;
+    x0 = mu;
     return u;
   }
 };
@@ -225,13 +227,13 @@ struct SgdRule {  // t = g + decay t_old; u = t (nesterov: g + decay t); decay i
   template <bool kNest>
   float step(float gi, float& x0, float&) const {
     const float t = gi + decay * x0;
-    x0 = finite(t) ? t : 0.0f;
+    x0 = t;
     return kNest ? gi + decay * t : t;
   }
 };
 
-// A rule on one block, with optim_update._tail (decayed weights, learning rate), no update
-// where the gradient is not finite, and the parameter added with kApplyP. The flags are
+// A rule on one block, with optim_update._tail (decayed weights, learning rate), the
+// non-finite rule (optim_update.reset_bad), and the parameter added with kApplyP. The flags are
 // template parameters: each instance is a straight loop that GCC vectorizes (a runtime flag
 // guarding the read of a possibly-null `p` kept the Adam loop scalar, 14x slower).
 template <class R, bool kDecay, bool kApplyP, bool kNest>
@@ -247,7 +249,10 @@ void rule_block(const Step& st, int64_t b, float* __restrict x0, float* __restri
     float u = rule.template step<kNest>(gi, x0[i], x1[i]);
     if (kDecay) u = u + wd * p[i];
     u = lr * u;
-    u = finite(gi) ? u : 0.0f;
+    const bool ok = finite(gi) & finite(u) & finite(x0[i]) & finite(x1[i]);
+    u = ok ? u : 0.0f;
+    x0[i] = ok ? x0[i] : 0.0f;
+    x1[i] = ok ? x1[i] : 0.0f;
     if (kApplyP) u = p[i] + u;
     out[i] = u;
   }

@@ -155,28 +155,6 @@ _ALLORA = "the norm over w's rows (axis 0) reduces across the 'x' shards (all-re
 # (galore_adamw; 3.8 for galore). A wrong composition moves the update by O(1) of its max.
 _LOW_RANK_ULPS, _LOW_RANK_ADAM_ULPS = 64, 4000
 
-# Known defects (strict xfail: the test asserts the defect is still there).
-_QS9 = ("issue 19 item 9: quantize_state's update does not check the updates against its "
-        "state/params")
-_LOWBIT_BAD = {
-    "shape:w": _QS9 + ": a transposed leaf fails deep inside ('add got incompatible shapes "
-               "for broadcasting: (64, 16), (16, 64)') without naming ['w']",
-    "shape:b": _QS9 + ": a (1,) update for the (8,) leaf broadcasts silently",
-    "tree": _QS9 + ": a missing leaf gives jax's 'pytree structure error ... tree_map tree' "
-            "with the bare key b, not the path ['b']",
-}
-_GALORE_BAD = {
-    "shape:b": ("issue 19 item 9: galore/fira check the projected leaves against their "
-                "projectors only; a passed-through leaf (the (8,) bias) given a (1,) update "
-                "reaches the inner optimizer unchecked and broadcasts silently"),
-    "tree": ("issue 19 item 9: galore/fira raise jax's bare \"Dict key mismatch; expected keys: "
-             "['w']; present keys: ['b', 'w']\" (from treedef.flatten_up_to), which does not "
-             "name the path ['b'] nor say it is the updates that lack it"),
-    "sharding:init": ("issue 19 item 4: galore/fira init creates the projectors and low-rank "
-                      "moments with jnp.zeros(shape) on the default device, not sharded like "
-                      "their parameter (the first jitted step reshards them)"),
-}
-
 ROWS: dict[str, Row] = {
     "adamw_8bit": Row(eo.adamw_8bit, dict(weight_decay=WD, **Q), STATIC_Q, quantized=True),
     "adam_8bit": Row(eo.adam_8bit, Q, STATIC_Q, quantized=True),
@@ -197,21 +175,16 @@ ROWS: dict[str, Row] = {
     "adaptive_spike_clip": Row(_then_lr(adaptive_spike_clip), {}, lr=0.2, collectives=_NORM),
     "adaptive_grad_norm": Row(_then_lr(adaptive_grad_norm), {}, lr=2.0, collectives=_NORM),
     "momentum_reset": Row(_then_lr(momentum_reset), {}),
-    "galore": Row(_then_lr(galore), {}, lr=0.2, collectives=_SVD, ulps=_LOW_RANK_ULPS,
-                  xfail=_GALORE_BAD),
+    "galore": Row(_then_lr(galore), {}, lr=0.2, collectives=_SVD, ulps=_LOW_RANK_ULPS),
     "galore_adamw": Row(eo.galore_adamw, dict(rank=4, update_proj_gap=2), ("rank",), lr=0.2,
-                        collectives=_SVD, ulps=_LOW_RANK_ADAM_ULPS, xfail=_GALORE_BAD),
-    "fira": Row(_then_lr(fira), {}, lr=0.2, collectives=_SVD, ulps=_LOW_RANK_ULPS,
-                xfail=_GALORE_BAD),
+                        collectives=_SVD, ulps=_LOW_RANK_ADAM_ULPS),
+    "fira": Row(_then_lr(fira), {}, lr=0.2, collectives=_SVD, ulps=_LOW_RANK_ULPS),
     "fira_adamw": Row(eo.fira_adamw, dict(rank=4, update_proj_gap=2), ("rank",), lr=0.2,
-                      collectives=_SVD, ulps=_LOW_RANK_ADAM_ULPS, xfail=_GALORE_BAD),
+                      collectives=_SVD, ulps=_LOW_RANK_ADAM_ULPS),
     "perp_grad+adamw": Row(perp_grad_adamw, {}, collectives=_PROJ),
     "scale_by_inverse_param_norm": Row(_then_lr(scale_by_inverse_param_norm), {},
                                        collectives=_ALLORA),
 }
-for _n, _r in ROWS.items():
-    if _r.quantized:
-        ROWS[_n] = _r._replace(xfail={**_LOWBIT_BAD, **_r.xfail})
 
 
 @functools.cache
