@@ -1282,7 +1282,7 @@ def plot(results: Sequence[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.2))
+    fig, ax = plt.subplots(figsize=(6, 4))
     colors = {"a": "tab:green", "b": "tab:orange", "c": "tab:red", "d": "black"}
     bottom = np.zeros(len(AREAS))
     for cls, color in colors.items():
@@ -1292,9 +1292,9 @@ def plot(results: Sequence[dict], path: str) -> None:
         bottom += counts
     ax.set_ylabel("cases")
     ax.set_title("effjax public API under bad inputs (fuzz_api)")
-    ax.legend(fontsize=6, loc="upper right")
+    ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
