@@ -50,7 +50,6 @@ Example:
   >>> updates, state = opt.update(grads, state, params)
 """
 
-from __future__ import annotations
 
 from typing import Any
 

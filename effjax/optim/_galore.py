@@ -82,7 +82,6 @@ Example:
   >>> params = optax.apply_updates(params, updates)
 """
 
-from __future__ import annotations
 
 from typing import Any, NamedTuple
 

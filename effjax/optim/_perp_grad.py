@@ -24,8 +24,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import PartitionSpec
 
 from effjax.optim._checks import check_params_like_updates
+from effjax.quant._layout import explicit_spec
 
 __all__ = ["perp_grad", "project_out_param_direction"]
 
@@ -45,6 +47,14 @@ def project_out_param_direction(g, w, *, renormalize: bool = True):
       ...                             renormalize=False)
       Array([0., 1.], dtype=float32)
     """
+    spec = explicit_spec(g)
+    if spec is not None or explicit_spec(w) is not None:
+        # Explicit mesh axes: the projection needs the whole tensor (two all-gathers) and
+        # flattens it; the result is resharded like g.
+        out = project_out_param_direction(jax.sharding.reshard(g, PartitionSpec()),
+                                          jax.sharding.reshard(w, PartitionSpec()),
+                                          renormalize=renormalize)
+        return out if spec is None else jax.sharding.reshard(out, PartitionSpec(*spec[0]))
     dtype = jnp.promote_types(g.dtype, jnp.float32)
     gf, wf = g.astype(dtype).reshape(-1), w.astype(dtype).reshape(-1)
     scale = jnp.max(jnp.abs(wf)) if wf.size else jnp.zeros((), dtype)

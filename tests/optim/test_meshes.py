@@ -190,9 +190,4 @@ def test_sharded_step(name, kind, request):
                         ulps=row.ulps if row.collectives is None else max(row.ulps, 16))
 
 
-_XFAIL = {
-    ("perp_grad+adamw", "explicit"): (
-        "issue 19 item 2: effjax/optim/_perp_grad.py (another session's file) takes jnp.vdot "
-        "of the flattened leaves; under Explicit axes JAX refuses the sharded contraction "
-        "(ShardingTypeError: Contracting dimensions are sharded ...)"),
-}
+_XFAIL: dict = {}  # (row, mesh kind) -> reason: none known today

@@ -105,10 +105,6 @@ class Case(NamedTuple):
     xfail: dict = {}  # check -> reason (strict: a known defect of issue 19 another session owns)
 
 
-_LR_ANNOTATION = ("issue 19 item 10: learning_rate is annotated with the string "
-                  "'optax.ScalarOrSchedule' (from __future__ import annotations in {}), so "
-                  "optax's schedule test skips it")
-
 LOWBIT = {
     "adamw_8bit": (eo.adamw_8bit, 1e-2), "adam_8bit": (eo.adam_8bit, 1e-2),
     "lion_8bit": (eo.lion_8bit, 1e-3), "sgd_8bit": (eo.sgd_8bit, 1e-3),
@@ -123,10 +119,8 @@ for _name, (_factory, _lr) in LOWBIT.items():
 CASES.update({
     "spam": Case(eo.spam, dict(learning_rate=1e-2)),
     "stable_spam": Case(eo.stable_spam, dict(learning_rate=1e-2)),
-    "galore_adamw": Case(eo.galore_adamw, dict(learning_rate=1e-2, rank=1),
-                         xfail={"annotation": _LR_ANNOTATION.format("_galore.py")}),
-    "fira_adamw": Case(eo.fira_adamw, dict(learning_rate=1e-2, rank=1),
-                       xfail={"annotation": _LR_ANNOTATION.format("_fira.py")}),
+    "galore_adamw": Case(eo.galore_adamw, dict(learning_rate=1e-2, rank=1)),
+    "fira_adamw": Case(eo.fira_adamw, dict(learning_rate=1e-2, rank=1)),
     "adaptive_spike_clip": Case(_with_lr(eo.adaptive_spike_clip), dict(learning_rate=1e-3)),
     "adaptive_grad_norm": Case(_with_lr(eo.adaptive_grad_norm), dict(learning_rate=1e-3)),
     "momentum_reset(adam)": Case(
