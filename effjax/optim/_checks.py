@@ -175,3 +175,32 @@ def check_state_shapes(init_fn, like, state, *, where: str) -> None:
             raise ValueError(f"{where}: state leaf {leaf_name(path)} has shape "
                              f"{jnp.shape(got)}, but these updates need {tuple(w.shape)}: the "
                              "updates must have the shapes of the parameters given to init")
+
+
+_UNIT = ("b1", "b2", "b3", "decay")  # EMA decays: [0, 1)
+_NON_NEGATIVE = ("eps", "eps_root", "weight_decay", "initial_accumulator_value",
+                 "initial_scale", "alpha")
+
+
+def check_hyperparams(where: str, **values) -> None:
+    """Raise naming ``where`` and the argument for hyper-parameters no optimizer can use:
+    ``learning_rate`` that is not a number, a one-element array or a schedule (callable);
+    decays outside ``[0, 1)``; ``eps``, ``weight_decay`` and the like negative. Arrays (from
+    ``optax.inject_hyperparams``) and schedules pass; the numbers are also checked finite."""
+    for name, value in values.items():
+        if name == "learning_rate":
+            if callable(value) or is_number(value):
+                check_range(where, name, value) if is_number(value) else None
+                continue
+            if isinstance(value, (jax.Array, np.ndarray)) and np.size(value) == 1 and \
+                    jnp.issubdtype(value.dtype, jnp.floating):
+                continue
+            raise TypeError(f"{where}: learning_rate must be a number, a one-element float "
+                            f"array or a schedule (a callable step -> rate), got {value!r} "
+                            f"({type(value).__name__})")
+        elif callable(value):
+            continue  # a schedule (ademamix's b3 and alpha may be)
+        elif name in _UNIT:
+            check_range(where, name, value, 0.0, 1.0, hi_open=True)
+        elif name in _NON_NEGATIVE:
+            check_range(where, name, value, 0.0)

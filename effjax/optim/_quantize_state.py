@@ -324,6 +324,13 @@ def quantize_state(
     for name, cb, default in (("signed_codebook", signed_codebook, default_signed),
                               ("unsigned_codebook", unsigned_codebook, default_unsigned)):
         values = check_codebook(default if cb is None else cb, name=name)
+        if name == "signed_codebook" and min(values) >= 0:
+            raise ValueError(f"signed_codebook has no negative value (min {min(values)}): "
+                             "first moments would lose their sign; give a signed map (e.g. "
+                             "effjax.quant.dynamic_codebook(signed=True))")
+        if name == "unsigned_codebook" and min(values) < 0:
+            raise ValueError(f"unsigned_codebook has negative values (min {min(values)}): it "
+                             "stores non-negative moments (v); give an unsigned map")
         if len(values) > max_codes:
             raise ValueError(f"{name} needs 2..{max_codes} values for bits={bits}, "
                              f"got {len(values)}")

@@ -46,7 +46,8 @@ def decay(d) -> Decay:
 
 def leaves_like(updates, tree, where: str, *, shapes: bool = True):
     """``(update leaves, treedef, tree's leaves)``; ``ValueError`` if the structure (and with
-    ``shapes``, a leaf's shape, naming it) differs from the state's (the params given to init)."""
+    ``shapes``, a leaf's shape, naming it) differs from the state's (the params given to init),
+    ``TypeError`` naming a leaf that is not floating point."""
     with_path, treedef = jax.tree_util.tree_flatten_with_path(updates)
     try:
         like = treedef.flatten_up_to(tree)
@@ -54,6 +55,11 @@ def leaves_like(updates, tree, where: str, *, shapes: bool = True):
         raise ValueError(f"{where}: the updates' tree structure differs from the parameters' "
                          f"given to init ({tree_difference(updates, tree)}): {e}") from None
     for (path, g), m in zip(with_path, like, strict=True):
+        dtype = getattr(g, "dtype", None)
+        if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(f"{where}: update {jax.tree_util.keystr(path) or '<root>'} has dtype "
+                            f"{dtype} (shape {jnp.shape(g)}); floating point is required. "
+                            "Exclude such leaves with optax.masked.")
         if shapes and jnp.shape(g) != jnp.shape(m):
             raise ValueError(f"{where}: update {jax.tree_util.keystr(path) or '<root>'} has "
                              f"shape {jnp.shape(g)}, but init saw shape {jnp.shape(m)}")

@@ -69,6 +69,7 @@ import jax.numpy as jnp
 import optax
 from optax import contrib
 
+from effjax.optim._checks import check_hyperparams
 from effjax.optim._fused import (
     adam_family,
     check_use_kernel,
@@ -114,6 +115,7 @@ def scale_by_adam_8bit(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, *, block_size=N
     ``u_t = (m_t / (1-b1^t)) / (sqrt(v_t / (1-b2^t) + eps_root) + eps)``; ``m_t``, ``v_t`` stored
     as 8-bit codes with a float32 absmax per 256 elements.
     """
+    check_hyperparams("scale_by_adam_8bit", b1=b1, b2=b2, eps=eps, eps_root=eps_root)
     inner, spec = adam_family(b1=b1, b2=b2, eps=eps, eps_root=eps_root)
     return _q(inner, _B8, block_size, min_quantized_size, name="scale_by_adam_8bit",
               scale_dtype=scale_dtype, use_kernel=use_kernel, spec=spec)
@@ -123,6 +125,8 @@ def adam_8bit(learning_rate: optax.ScalarOrSchedule, b1=0.9, b2=0.999, eps=1e-8,
               *, nesterov=False, block_size=None, min_quantized_size=None, scale_dtype=None,
               use_kernel: bool | None = None):
     """``optax.adam`` with 8-bit states (bitsandbytes' ``Adam8bit``)."""
+    check_hyperparams("adam_8bit", learning_rate=learning_rate, b1=b1, b2=b2, eps=eps,
+                      eps_root=eps_root)
     inner, spec = adam_family(b1=b1, b2=b2, eps=eps, eps_root=eps_root, nesterov=nesterov,
                               learning_rate=learning_rate)
     return _q(inner, _B8, block_size, min_quantized_size, name="adam_8bit",
@@ -135,6 +139,8 @@ def adamw_8bit(learning_rate: optax.ScalarOrSchedule, b1=0.9, b2=0.999, eps=1e-8
                use_kernel: bool | None = None):
     """``optax.adamw`` with 8-bit states (bitsandbytes' ``AdamW8bit``; note optax's default
     ``weight_decay=1e-4`` where bitsandbytes uses 1e-2)."""
+    check_hyperparams("adamw_8bit", learning_rate=learning_rate, b1=b1, b2=b2, eps=eps,
+                      eps_root=eps_root, weight_decay=weight_decay)
     inner, spec = adam_family(b1=b1, b2=b2, eps=eps, eps_root=eps_root, nesterov=nesterov,
                               learning_rate=learning_rate, weight_decay=weight_decay, mask=mask)
     return _q(inner, _B8, block_size, min_quantized_size, name="adamw_8bit",
@@ -146,6 +152,8 @@ def lion_8bit(learning_rate: optax.ScalarOrSchedule, b1=0.9, b2=0.99, weight_dec
               use_kernel: bool | None = None):
     """``optax.lion`` (Chen et al. 2023) with an 8-bit momentum (bitsandbytes' ``Lion8bit``):
     ``u = sign(b1 m + (1-b1) g)``, ``m_t = b2 m + (1-b2) g``."""
+    check_hyperparams("lion_8bit", learning_rate=learning_rate, b1=b1, b2=b2,
+                      weight_decay=weight_decay)
     inner, spec = lion_family(learning_rate=learning_rate, b1=b1, b2=b2,
                               weight_decay=weight_decay, mask=mask)
     return _q(inner, _B8, block_size, min_quantized_size, name="lion_8bit",
@@ -158,6 +166,7 @@ def sgd_8bit(learning_rate: optax.ScalarOrSchedule, momentum=0.9, nesterov=False
     """``optax.sgd`` with an 8-bit momentum buffer (bitsandbytes' ``SGD8bit``):
     ``m_t = momentum * m + g``, ``u = -lr m_t``. ``momentum`` must be positive (plain SGD has
     no state to quantize)."""
+    check_hyperparams("sgd_8bit", learning_rate=learning_rate)
     if momentum is None or (isinstance(momentum, (int, float)) and momentum <= 0):
         raise ValueError(f"sgd_8bit needs momentum > 0, got {momentum!r}")
     inner, spec = sgd_family(learning_rate=learning_rate, momentum=momentum, nesterov=nesterov)
@@ -171,6 +180,8 @@ def rmsprop_8bit(learning_rate: optax.ScalarOrSchedule, decay=0.9, eps=1e-8, ini
                  use_kernel: bool | None = None):
     """``optax.rmsprop`` with 8-bit states (bitsandbytes' ``RMSprop8bit``):
     ``v_t = decay v + (1-decay) g^2``, ``u = g / sqrt(v_t + eps)`` (``eps_in_sqrt``)."""
+    check_hyperparams("rmsprop_8bit", learning_rate=learning_rate, decay=decay, eps=eps,
+                      initial_scale=initial_scale)
     return _q(optax.rmsprop(learning_rate, decay, eps, initial_scale, eps_in_sqrt, centered,
                             momentum, nesterov), _B8, block_size, min_quantized_size,
               name="rmsprop_8bit", scale_dtype=scale_dtype, use_kernel=use_kernel)
@@ -181,6 +192,8 @@ def adagrad_8bit(learning_rate: optax.ScalarOrSchedule, initial_accumulator_valu
                  use_kernel: bool | None = None):
     """``optax.adagrad`` with an 8-bit accumulator (bitsandbytes' ``Adagrad8bit``):
     ``s_t = s + g^2``, ``u = g / sqrt(s_t + eps)``."""
+    check_hyperparams("adagrad_8bit", learning_rate=learning_rate, eps=eps,
+                      initial_accumulator_value=initial_accumulator_value)
     return _q(optax.adagrad(learning_rate, initial_accumulator_value, eps), _B8, block_size,
               min_quantized_size, name="adagrad_8bit",
               scale_dtype=scale_dtype, use_kernel=use_kernel)
@@ -192,6 +205,8 @@ def ademamix_8bit(learning_rate: optax.ScalarOrSchedule, b1=0.9, b2=0.999, b3=0.
                   use_kernel: bool | None = None):
     """``optax.contrib.ademamix`` (Pagliardini et al. 2024) with 8-bit ``m1``, ``m2``, ``nu``
     (bitsandbytes' ``AdEMAMix8bit``); ``b3`` and ``alpha`` may be schedules, as in optax."""
+    check_hyperparams("ademamix_8bit", learning_rate=learning_rate, b1=b1, b2=b2, b3=b3,
+                      alpha=alpha, eps=eps, eps_root=eps_root, weight_decay=weight_decay)
     return _q(contrib.ademamix(learning_rate, b1=b1, b2=b2, b3=b3, alpha=alpha, eps=eps,
                                eps_root=eps_root, weight_decay=weight_decay, mask=mask), _B8,
               block_size, min_quantized_size, name="ademamix_8bit",
@@ -202,6 +217,8 @@ def adam_4bit(learning_rate: optax.ScalarOrSchedule, b1=0.9, b2=0.999, eps=1e-8,
               *, block_size=None, min_quantized_size=None, scale_dtype=None,
               use_kernel: bool | None = None):
     """``optax.adam`` with 4-bit states (Li et al. 2023; torchao's ``Adam4bit``)."""
+    check_hyperparams("adam_4bit", learning_rate=learning_rate, b1=b1, b2=b2, eps=eps,
+                      eps_root=eps_root)
     inner, spec = adam_family(b1=b1, b2=b2, eps=eps, eps_root=eps_root,
                               learning_rate=learning_rate)
     return _q(inner, _B4, block_size, min_quantized_size, name="adam_4bit",
@@ -212,6 +229,8 @@ def adamw_4bit(learning_rate: optax.ScalarOrSchedule, b1=0.9, b2=0.999, eps=1e-8
                eps_root=0.0, weight_decay=1e-4, mask: Any = None, *, block_size=None,
                min_quantized_size=None, scale_dtype=None, use_kernel: bool | None = None):
     """``optax.adamw`` with 4-bit states (torchao's ``AdamW4bit``)."""
+    check_hyperparams("adamw_4bit", learning_rate=learning_rate, b1=b1, b2=b2, eps=eps,
+                      eps_root=eps_root, weight_decay=weight_decay)
     inner, spec = adam_family(b1=b1, b2=b2, eps=eps, eps_root=eps_root,
                               learning_rate=learning_rate, weight_decay=weight_decay, mask=mask)
     return _q(inner, _B4, block_size, min_quantized_size, name="adamw_4bit",

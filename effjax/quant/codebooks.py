@@ -247,5 +247,9 @@ def check_codebook(codebook, *, name: str = "codebook") -> tuple[float, ...]:
       ...     print(str(e)[:40])
       signed_codebook must contain 1 or -1 (it
     """
-    values = tuple(float(v) for v in np.asarray(codebook, np.float32).reshape(-1))
-    return _check(values, str(name))
+    try:
+        array = np.asarray(codebook, np.float32).reshape(-1)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a sequence of numbers (e.g. effjax.quant.nf4_codebook()"
+                        f"), got {codebook!r} ({type(codebook).__name__})") from None
+    return _check(tuple(float(v) for v in array), str(name))
