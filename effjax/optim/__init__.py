@@ -5,6 +5,7 @@ from effjax.optim._fira import FiraState, fira, fira_adamw
 from effjax.optim._galore import GaLoreState, galore, galore_adamw
 from effjax.optim._perp_grad import perp_grad, project_out_param_direction
 from effjax.optim._quantize_state import DEFAULT_UNSIGNED_FIELDS, quantize_state
+from effjax.optim._relayout import abstract_state, relayout
 from effjax.optim._spam import scale_by_spam, spam
 from effjax.optim._stable_spam import (
     STABLE_SPAM_4BIT,
@@ -47,5 +48,5 @@ __all__ = [
     "spam", "scale_by_spam", "stable_spam", "scale_by_stable_spam", "adaptive_spike_clip",
     "adaptive_grad_norm", "momentum_reset", "cosine_momentum_scale", "STABLE_SPAM_4BIT",
     "STABLE_SPAM_BF16", "galore", "galore_adamw", "GaLoreState", "fira", "fira_adamw",
-    "FiraState",
+    "FiraState", "abstract_state", "relayout",
 ]

@@ -503,7 +503,7 @@ def test_table_covers_effjax_optim():
         "project_out_param_direction", "allora_coefficient", "allora_lora_delta",
         "scale_learning_rate", "lr_for_batch_size", "adam_hyperparams_for_batch_size",
         "cosine_momentum_scale", "STABLE_SPAM_4BIT", "STABLE_SPAM_BF16", "GaLoreState",
-        "FiraState"}
+        "FiraState", "abstract_state", "relayout"}
     assert set(eo.__all__) == covered | not_optimizers
     def source(row):  # the effjax factory of a row, or the code of the test's own factory
         f = getattr(row.factory, "transform", row.factory)
