@@ -87,7 +87,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from effjax.peft._checks import adapter_dtype, as_float_kernel
+from effjax.peft._checks import (
+    SizeLimit,
+    adapter_dtype,
+    as_float_kernel,
+    check_kernel,
+    check_size_limits,
+    instance_hint,
+)
 from effjax.peft.layout import KernelLayout, axes_field
 
 __all__ = ["AdapterMethod", "KernelAdapter", "AdapterNode", "adapter_node", "is_adapter",
@@ -96,11 +103,18 @@ __all__ = ["AdapterMethod", "KernelAdapter", "AdapterNode", "adapter_node", "is_
 
 
 def _checked_adapt(adapt):
-    """``adapt`` with its leaf checked first: a floating array, converted to a ``jax.Array``."""
+    """``adapt`` with its leaf checked first: a floating array, converted to a ``jax.Array``;
+    for a :class:`KernelAdapter`, not zero-size and within the config's
+    :meth:`~KernelAdapter.size_limits` (checked before anything is allocated)."""
 
     @functools.wraps(adapt)
     def checked(self, key, w, *args, **kwargs):
-        return adapt(self, key, as_float_kernel(w, self.name), *args, **kwargs)
+        w = as_float_kernel(w, self.name)
+        if isinstance(self, KernelAdapter):
+            lay = self.layout(w.shape)
+            check_kernel(lay, self.name)
+            check_size_limits(self, lay, self.size_limits(lay))
+        return adapt(self, key, w, *args, **kwargs)
 
     checked._checks_kernel = True
     return checked
@@ -189,7 +203,9 @@ class KernelAdapter(AdapterMethod):
         :mod:`effjax.peft.layout`); default: no batch axes, the first axis in, the rest out.
 
     Subclasses add their own fields and call ``super().__post_init__()`` first in their
-    ``__post_init__``.
+    ``__post_init__``; a method with size fields (a rank, a number of bases) declares their
+    upper bounds for a kernel in :meth:`size_limits`, checked with the zero-size check before
+    every ``adapt`` so that no absurd value reaches an allocation.
     """
 
     dtype: Any = None
@@ -210,6 +226,20 @@ class KernelAdapter(AdapterMethod):
         """The kernel layout this config gives a weight of ``shape``."""
         return KernelLayout.resolve(shape, in_axes=self.in_axes, out_axes=self.out_axes,
                                     batch_axes=self.batch_axes)
+
+    def size_limits(self, lay: KernelLayout) -> tuple[SizeLimit, ...]:
+        """Upper bounds of this config's size fields (rank, number of bases, ...) for a kernel
+        of layout ``lay``, checked before every ``adapt`` (a field above its bound raises
+        ``ValueError`` naming it, its value, the kernel's shape and the bound). Default: none;
+        see :mod:`effjax.peft._checks` for the two kinds of bound the methods use.
+
+        Example:
+          >>> from effjax.peft import LoRA
+          >>> LoRA(rank=4).size_limits(LoRA().layout((8, 4)))[0][:2]
+          ('rank', 8)
+        """
+        del lay
+        return ()
 
     def adapter_dtype(self, w_dtype: Any) -> jnp.dtype:
         """dtype of the adapter arrays for a kernel of ``w_dtype``: the config's ``dtype``, else
@@ -439,6 +469,9 @@ def method_to_config(method: AdapterMethod) -> dict[str, Any]:
        'out_axes': None, 'batch_axes': {'tuple': []}, 'rank': 2, 'alpha': 4.0,
        'rslora': False, 'init': 'kaiming'}}
     """
+    if isinstance(method, type) and issubclass(method, AdapterMethod):
+        raise TypeError(f"method_to_config got the class {method.__name__}, not a method "
+                        f"config; {instance_hint(method)}")
     if not isinstance(method, AdapterMethod) or not dataclasses.is_dataclass(method):
         raise TypeError(f"expected an AdapterMethod dataclass, got {type(method).__name__}")
     name = _registered_name(type(method))

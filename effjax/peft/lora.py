@@ -74,7 +74,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from effjax.peft._checks import check_bool, check_number, check_rank
+from effjax.peft._checks import (
+    SizeLimit,
+    check_bool,
+    check_number,
+    check_rank,
+    factor_rank_limit,
+)
 from effjax.peft.base import AdapterNode, KernelAdapter, adapter_node, register_adapter
 from effjax.peft.layout import KernelLayout, place_like
 
@@ -167,6 +173,11 @@ class LoRA(ScaledRank):
         if self.init.startswith("pissa") and not self.alpha > 0:
             raise ValueError(f"{name} init={self.init!r} divides the singular values by the "
                              f"scale alpha / r, so alpha must be > 0, got {self.alpha}")
+
+    def size_limits(self, lay: KernelLayout) -> tuple[SizeLimit, ...]:
+        """``rank <= max(n_in, n_out)`` for the random inits (PiSSA / OLoRA check ``rank <=
+        min(n_in, n_out)`` themselves)."""
+        return (factor_rank_limit(lay),) if self.init in ("kaiming", "gaussian") else ()
 
     def adapt(self, key: jax.Array, w: jax.Array) -> LoRAWeight:
         """``a`` from the init distribution, ``b = 0`` (or ``a``, ``b`` and the residual ``w``

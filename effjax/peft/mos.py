@@ -85,7 +85,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from effjax.peft._checks import check_int, check_number
+from effjax.peft._checks import SizeLimit, check_int, check_number, factor_rank_limit
 from effjax.peft.base import AdapterNode, KernelAdapter, adapter_node, register_adapter
 from effjax.peft.layout import KernelLayout, place_like
 
@@ -194,6 +194,10 @@ class MoS(KernelAdapter):
                 f"vectors, got rank={r}, pool_rank={e}, private_rank={p}, L={n_layers} "
                 f"layers (the slices of batch_axes={lay.batch_axes}) for a kernel of shape "
                 f"{lay.shape}; the pool is shared across the stacked layers only")
+
+    def size_limits(self, lay: KernelLayout) -> tuple[SizeLimit, ...]:
+        """``rank`` and ``pool_rank`` (each layer's equivalent rank) ``<= max(n_in, n_out)``."""
+        return factor_rank_limit(lay), factor_rank_limit(lay, "pool_rank")
 
     def num_trainable(self, shape: Sequence[int]) -> int:
         """:math:`e\\,L\\,(n_{in} + n_{out})`."""

@@ -58,7 +58,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from effjax.peft._checks import check_int, check_number, check_seed
+from effjax.peft._checks import (
+    SizeLimit,
+    budget_limit,
+    check_int,
+    check_number,
+    check_seed,
+    factor_rank_limit,
+)
 from effjax.peft.base import AdapterNode, KernelAdapter, adapter_node, register_adapter
 from effjax.peft.layout import KernelLayout, place_like
 
@@ -154,6 +161,16 @@ class NOLA(KernelAdapter):
         """``(a0, a_bases, b_bases)`` for a kernel of ``layout`` (:func:`nola_bases`)."""
         return nola_bases(self.seed, self.rank, self.num_basis_a, self.num_basis_b,
                           layout.n_in, layout.n_out, dtype)
+
+    def size_limits(self, lay: KernelLayout) -> tuple[SizeLimit, ...]:
+        """``rank <= max(n_in, n_out)`` and the frozen bases of each factor within
+        :func:`~effjax.peft._checks.element_budget`."""
+        r = min(self.rank, max(lay.n_in, lay.n_out))  # a too large rank is reported first
+        return (factor_rank_limit(lay),
+                budget_limit(lay, "num_basis_a", lay.n_in * r,
+                             f"its frozen bases A_i of shape (n_in, r) = ({lay.n_in}, {r})"),
+                budget_limit(lay, "num_basis_b", r * lay.n_out,
+                             f"its frozen bases B_j of shape (r, n_out) = ({r}, {lay.n_out})"))
 
     def adapt(self, key: jax.Array, w: jax.Array) -> NOLAWeight:
         """``coef_a = coef_b = 0`` on ``w``'s devices (``key`` is unused: the bases come from

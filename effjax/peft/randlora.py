@@ -92,7 +92,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from effjax.peft._checks import check_bool, check_int, check_number, check_rank, check_seed
+from effjax.peft._checks import (
+    SizeLimit,
+    budget_limit,
+    check_bool,
+    check_int,
+    check_number,
+    check_rank,
+    check_seed,
+)
 from effjax.peft.base import AdapterNode, KernelAdapter, adapter_node, register_adapter
 from effjax.peft.layout import KernelLayout, place_like
 
@@ -240,6 +248,12 @@ class RandLoRA(KernelAdapter):
         if self.very_sparse:
             return math.sqrt(self.very_sparse_dim or d_min)
         return None
+
+    def size_limits(self, lay: KernelLayout) -> tuple[SizeLimit, ...]:
+        """``rank (n_in + n_out)``, about the frozen bases' size, within
+        :func:`~effjax.peft._checks.element_budget`."""
+        return (budget_limit(lay, "rank", lay.n_in + lay.n_out,
+                             "its frozen bases A (r, d_min) and B (d_max, N, r)"),)
 
     def adapt(self, key: jax.Array, w: jax.Array) -> RandLoRAWeight:
         """Frozen bases from ``seed`` (``key`` is unused: the bases are shared by all leaves),

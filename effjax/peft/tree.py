@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from effjax.peft._checks import short_repr
 from effjax.peft.base import AdapterNode, is_adapter
 from effjax.peft.rules import compile_rules
 from effjax.selection import rewrite, tree_paths
@@ -71,6 +72,16 @@ def _check_not_module(params: Any) -> None:
             f"rules, key=key); a model back: nnx.merge(graphdef, materialize(tree), rest)")
 
 
+def _check_key(key: Any) -> None:
+    """``TypeError`` unless ``key`` is a PRNG key (typed, or a raw ``uint32`` key array)."""
+    dtype = getattr(key, "dtype", None)
+    ok = dtype is not None and (jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+                                or np.dtype(dtype) == np.uint32)
+    if not ok:
+        raise TypeError(f"inject key must be a PRNG key, e.g. key=jax.random.key(0), got "
+                        f"{type(key).__name__} {short_repr(key)}")
+
+
 def adapter_paths(tree: Any) -> dict[str, AdapterNode]:
     """``{path: node}`` for every adapter node of ``tree``, in tree order."""
     paths, leaves, _ = _flatten(tree)
@@ -102,10 +113,13 @@ def inject(params: Any, rules: Any, *, key: jax.Array,
       A new tree of the same structure with adapter nodes at the targeted leaves.
 
     Raises:
-      TypeError: a bad rule value; a targeted leaf that is not a floating array or is already an
-        adapter node. ValueError: a bad regex; a rule that decides no leaf (the message lists
-        close paths); a leaf whose shape the method cannot adapt. Messages name the leaf's
-        path, shape and dtype.
+      TypeError: a bad ``rules`` or rule value (a method class instead of an instance
+        included); a ``key`` that is not a PRNG key; a targeted leaf that is not a floating
+        array or is already an adapter node. ValueError: a bad regex; a rule that decides no
+        leaf (the message lists close paths); a leaf whose shape the method cannot adapt
+        (too few axes, zero-size, or too small for the method's rank or other size field,
+        see ``KernelAdapter.size_limits``). Messages about a leaf name its path, shape and
+        dtype.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -135,6 +149,7 @@ def inject(params: Any, rules: Any, *, key: jax.Array,
         return method.adapt(leaf_key(key, path), leaf, **extra)
 
     _check_not_module(params)
+    _check_key(key)
     return rewrite(params, compile_rules(rules), adapt, is_leaf=is_adapter)
 
 

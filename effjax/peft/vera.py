@@ -64,7 +64,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from effjax.peft._checks import check_int, check_number, check_rank, check_seed
+from effjax.peft._checks import (
+    SizeLimit,
+    budget_limit,
+    check_int,
+    check_number,
+    check_rank,
+    check_seed,
+)
 from effjax.peft.base import AdapterNode, KernelAdapter, adapter_node, register_adapter
 from effjax.peft.layout import KernelLayout, place_like
 
@@ -157,6 +164,13 @@ class VeRA(KernelAdapter):
         """:math:`n_{batch}\\,(r + n_{out})`."""
         lay = self.layout(shape)
         return lay.n_batch * (self.rank + lay.n_out)
+
+    def size_limits(self, lay: KernelLayout) -> tuple[SizeLimit, ...]:
+        """``rank (n_in + n_out)``, the frozen projections' size, within
+        :func:`~effjax.peft._checks.element_budget` (VeRA's rank may exceed the kernel's sides:
+        its paper uses 1024 on 768-wide layers)."""
+        return (budget_limit(lay, "rank", lay.n_in + lay.n_out,
+                             "its frozen projections A (n_in, r) and B (r, n_out)"),)
 
     def adapt(self, key: jax.Array, w: jax.Array) -> VeRAWeight:
         """Frozen ``a``, ``b`` from ``seed`` (``key`` is unused: the matrices are shared by all
