@@ -134,6 +134,10 @@ class LoRA(ScaledRank):
 
     Attributes:
       rank, alpha, rslora: :math:`r`, :math:`\\alpha` and rsLoRA (see :class:`ScaledRank`).
+        The rank is at most :math:`\\max(n_{in}, n_{out})` of each targeted kernel with the
+        random inits (PEFT accepts any :math:`r`; beyond that bound the factors only add
+        redundant parameters) and at most :math:`\\min(n_{in}, n_{out})` with PiSSA / OLoRA;
+        a larger one raises ``ValueError`` before anything is allocated.
       init: ``"kaiming"`` (PEFT's default) or ``"gaussian"`` (:math:`B = 0`, ``w`` kept as
         is), or ``"pissa"``, ``"pissa_niter_K"``, ``"olora"`` (``a``, ``b`` from the SVD / QR
         of the kernel and ``w`` replaced by the residual :math:`W - s\\,AB`; see the module

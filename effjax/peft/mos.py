@@ -138,7 +138,8 @@ class MoS(KernelAdapter):
       rank: :math:`r`, the rank of each layer's :math:`A_s B_s` (the official ``lora_r``;
         default 8).
       pool_rank: :math:`e`, the equivalent rank of the trainable pools per layer (the
-        official ``valid_param_lora_r``; default 2).
+        official ``valid_param_lora_r``; default 2). ``rank`` and ``pool_rank`` are at most
+        :math:`\\max(n_{in}, n_{out})` of the kernel (else ``ValueError``).
       private_rank: :math:`p`, vectors per layer built from private shards (the official
         ``valid_param_private_r``; default 1; 0 disables shard privatization).
       num_shards: :math:`l`, shards per vector (the official ``num_chunk_per_vec``; default 2;

@@ -115,9 +115,12 @@ class NOLA(KernelAdapter):
     inits and references.
 
     Attributes:
-      rank: :math:`r \\ge 1` of the factors (default 8).
+      rank: :math:`r \\ge 1` of the factors (default 8), at most :math:`\\max(n_{in},
+        n_{out})` of each targeted kernel (else ``ValueError``).
       num_basis_a: :math:`k`, number of bases of :math:`A` (default 1024, as the official code).
-      num_basis_b: :math:`l`, number of bases of :math:`B` (default 1024).
+      num_basis_b: :math:`l`, number of bases of :math:`B` (default 1024). The frozen bases,
+        :math:`k\\,n_{in} r` and :math:`l\\,r\\,n_{out}` elements, must each stay within
+        ``max(64 n_in n_out, 2**24)`` (else ``ValueError``).
       alpha: LoRA's ``lora_alpha``; :math:`s = \\text{alpha} / r` (default 8).
       seed: seed of the frozen bases (default 0).
       dtype, in_axes, out_axes, batch_axes: as every :class:`~effjax.peft.KernelAdapter`

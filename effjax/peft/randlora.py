@@ -178,7 +178,8 @@ class RandLoRA(KernelAdapter):
 
     Attributes:
       rank: :math:`r \\ge 1`, the rank of each random basis (PEFT's ``r``; default 32). A
-        smaller rank means more bases and more trainable parameters.
+        smaller rank means more bases and more trainable parameters. :math:`r\\,(n_{in} +
+        n_{out})` must stay within ``max(64 n_in n_out, 2**24)`` elements (else ``ValueError``).
       alpha: :math:`\\alpha` (PEFT's ``randlora_alpha``; default 640); :math:`s = \\alpha/r`.
       seed: seed of the shared random bases (PEFT's ``projection_prng_key``; default 0).
       sparse: ternary bases with :math:`P(\\pm 1) = 1/6` each (PEFT's ``sparse``).

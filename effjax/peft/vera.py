@@ -128,7 +128,9 @@ class VeRA(KernelAdapter):
     references.
 
     Attributes:
-      rank: :math:`r \\ge 1` (PEFT's ``r``; default 256 as in PEFT).
+      rank: :math:`r \\ge 1` (PEFT's ``r``; default 256 as in PEFT). It may exceed the
+        kernel's sides, but the frozen projections' :math:`r\\,(n_{in} + n_{out})` elements
+        must stay within ``max(64 n_in n_out, 2**24)`` (else ``ValueError``).
       seed: seed of the shared random matrices (PEFT's ``projection_prng_key``; default 0).
       d_initial: initial value of every entry of :math:`d` (PEFT's ``d_initial``; 0.1).
       max_in: the fan-in of :math:`A`'s kaiming bound, PEFT's largest targeted input size.
