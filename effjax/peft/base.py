@@ -225,7 +225,7 @@ class KernelAdapter(AdapterMethod):
     def layout(self, shape: Sequence[int]) -> KernelLayout:
         """The kernel layout this config gives a weight of ``shape``."""
         return KernelLayout.resolve(shape, in_axes=self.in_axes, out_axes=self.out_axes,
-                                    batch_axes=self.batch_axes)
+                                    batch_axes=self.batch_axes, method=self.name)
 
     def size_limits(self, lay: KernelLayout) -> tuple[SizeLimit, ...]:
         """Upper bounds of this config's size fields (rank, number of bases, ...) for a kernel

@@ -59,9 +59,10 @@ class KernelLayout:
 
     @classmethod
     def resolve(cls, shape: Sequence[int], *, in_axes: Any = None, out_axes: Any = None,
-                batch_axes: Any = ()) -> KernelLayout:
+                batch_axes: Any = (), method: str = "a LoRA-family method") -> KernelLayout:
         """Fill in the missing axes: batch ``()``; in: all non-batch axes not in ``out_axes``,
-        or the first non-batch axis if neither is given; out: the remaining axes."""
+        or the first non-batch axis if neither is given; out: the remaining axes. ``method``
+        names the method in errors."""
         shape = tuple(int(s) for s in shape)
         nd = len(shape)
         batch = normalize_axes(batch_axes, nd, "batch_axes") or ()
@@ -70,7 +71,8 @@ class KernelLayout:
         rest = [a for a in range(nd) if a not in batch]
         if len(rest) < 2:
             raise ValueError(f"a kernel of shape {shape} with batch_axes={batch} has "
-                             f"{len(rest)} non-batch axes; LoRA needs at least 2 (in and out)")
+                             f"{len(rest)} non-batch axes; {method} needs at least 2 (in and out): "
+                             f"target only kernels (a bias or a norm scale is 1-D)")
         for name, ax in (("in_axes", ins), ("out_axes", outs)):
             if ax is not None and set(ax) & set(batch):
                 raise ValueError(f"{name}={ax} overlaps batch_axes={batch}")

@@ -88,6 +88,13 @@ def test_zero_size_stack_of_kernels_is_a_clear_error():
             "leaf 'k'", "(0, 8, 4)", "zero-size")
 
 
+@pytest.mark.parametrize("method", [LoRA(rank=2), VeRA(rank=2)], ids=lambda m: m.name)
+def test_one_d_leaf_names_the_method_that_needs_two_axes(method):
+    _raises(ValueError, lambda: inject(_params(), {"dense/bias": method}, key=KEY),
+            "leaf 'dense/bias'", "shape (4,)", f"{method.name} needs at least 2 (in and out)",
+            "target only kernels")
+
+
 # ----------------------------------------------------------------- ranks far too large
 
 def _budget(n_in, n_out):
