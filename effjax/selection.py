@@ -128,8 +128,10 @@ def compile_rules(rules: Any, *, accept: type | tuple[type, ...] | None = None,
         items = list(rules.items())
     elif isinstance(rules, Sequence) and not isinstance(rules, str):
         items = list(rules)
-        if not all(isinstance(it, tuple) and len(it) == 2 for it in items):
-            raise TypeError(f"rules must be a mapping or a sequence of (regex, {what} | None)")
+        for i, it in enumerate(items):
+            if not (isinstance(it, tuple) and len(it) == 2):
+                raise TypeError(f"rules must be a mapping or a sequence of (regex, {what} | None) "
+                                f"pairs; item {i} is {type(it).__name__} {it!r}")
     else:
         raise TypeError(
             f"rules must be a mapping {{regex: {what} | None}}, got {type(rules).__name__}")
@@ -140,8 +142,11 @@ def compile_rules(rules: Any, *, accept: type | tuple[type, ...] | None = None,
         if not isinstance(pattern, str):
             raise TypeError(f"rule keys must be regex strings, got {pattern!r}")
         if value is not None and accept is not None and not isinstance(value, accept):
+            if isinstance(value, type):
+                raise TypeError(f"rule '{pattern}': got the class {value.__name__}, not "
+                                f"{what}; pass an instance, e.g. {value.__name__}(...)")
             raise TypeError(f"rule '{pattern}': value must be {what} or None, got "
-                            f"{type(value).__name__}")
+                            f"{type(value).__name__} {value!r}")
         try:
             rx = re.compile(pattern)
         except re.error as e:
