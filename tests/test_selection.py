@@ -115,10 +115,11 @@ def test_rewrite_errors_name_the_leaf():
 @pytest.mark.parametrize("rules,err,msg", [
     ({}, ValueError, "empty"),
     ("w", TypeError, "mapping"),
-    ([("w",)], TypeError, "sequence of"),
+    ([("w",)], TypeError, r"sequence of .* item 0 is tuple \('w',\)"),
     ({1: 2}, TypeError, "regex strings"),
     ({"(": 1.0}, ValueError, "not a valid regex"),
-    ({"w": "x"}, TypeError, r"rule 'w': value must be float or None, got str"),
+    ({"w": "x"}, TypeError, r"rule 'w': value must be float or None, got str 'x'"),
+    ({"w": complex}, TypeError, r"rule 'w': got the class complex, not float; pass an instance"),
 ])
 def test_compile_rules_rejects_bad_rules(rules, err, msg):
     with pytest.raises(err, match=msg):
