@@ -18,7 +18,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AxisType, PartitionSpec
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 __all__ = ["shard_counts", "flat_is_shard_local", "explicit_spec", "reshape", "grid_in",
            "grid_out", "take", "like_sharding"]
@@ -140,7 +140,9 @@ def reshape(x: jax.Array, shape) -> jax.Array:
         return x.reshape(shape)
     spec, sizes = typed
     out = _view_spec(tuple(x.shape), spec, shape, sizes)
-    return jax.lax.reshape(x, shape, out_sharding=PartitionSpec(*out))
+    # A NamedSharding over x's own mesh, not a bare spec: no jax.set_mesh needed
+    out_sharding = NamedSharding(jax.typeof(x).sharding.mesh, PartitionSpec(*out))
+    return jax.lax.reshape(x, shape, out_sharding=out_sharding)
 
 
 def grid_in(x: jax.Array, shards) -> jax.Array:
