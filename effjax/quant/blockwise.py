@@ -52,11 +52,15 @@ bytes per parameter for two 8-bit moments of a 384-wide leaf, flat or shard-loca
   whole blocks: :func:`shard_layout`); on one device the numbers are exactly the flat ones.
 * The layout is static and stays: requantize with ``like=old`` (``quantize_state`` does), so
   the state's structure is the same at every step, and a state restored on another mesh (or
-  one device) keeps its layout; it is then correct, merely not shard-local.
+  one device) keeps its layout; it is then correct (the same numbers), merely not
+  shard-local (the step moves data between devices). ``effjax.optim.relayout`` converts it
+  to the new mesh's layout (one requantization).
 * Under jit with Auto mesh axes a tracer carries no sharding: ``quantize_blockwise`` of a
   fresh array there gets the flat layout (a jitted ``init``, even with ``out_shardings``,
-  gives the flat layout). Call ``init`` eagerly on the sharded parameters (as usual), use
-  Explicit axes, or pass ``shards=`` explicitly.
+  gives the flat layout, and so does ``jax.eval_shape(opt.init, params)``, which orbax then
+  refuses as a restore target for shard-local leaves). Call ``init`` eagerly on the sharded
+  parameters (as usual), use Explicit axes, or pass ``shards=`` explicitly; for a restore
+  target use ``effjax.optim.abstract_state``.
 
 Scales (``scale_dtype``): float32 by default (bitsandbytes' and torchao's format). With
 ``scale_dtype=jnp.bfloat16`` each block stores the smallest bfloat16 ``s >= absmax`` (the float32
