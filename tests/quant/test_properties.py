@@ -10,8 +10,12 @@ flushed subnormals. Nothing here calls the code under test to get an expected va
 
 Cost: each example is a new (shape, dtype, block, codebook) and compiles one quantize and one
 dequantize program (~0.2 s); the other quantizations of an example (a bad value planted in
-another block, the round trip) reuse them. ``max_examples`` is set so that this file stays
-within its share of the suite's budget (measured with ``--durations``).
+another block, the round trip) reuse them. ``max_examples=36`` plus 8 explicit examples:
+5.5 s on an idle 2-core machine, 9 s with another test process running (``--durations``);
+800 random examples passed locally before the count was lowered to fit the suite's budget.
+
+Known defects (issue 19), as strict xfails: a NaN in a large array (see ``NAN_DROP_ELEMS``) and
+``block_size=1`` accepted by ``quantize_blockwise``.
 """
 
 from __future__ import annotations
