@@ -140,7 +140,8 @@ def abstract_state(opt, params, *, saved=None):
     cut flat blocks) and every leaf a sharding (on ``params``' mesh: what ``init`` gives it
     there, 0-d leaves replicated; unsharded ``params``: their device). Nothing is allocated:
     ``init`` is traced once with ``params``' shardings as Explicit mesh axes, which pick the
-    same layouts as an eager ``init``.
+    same layouts as an eager ``init`` (so ``init`` must trace under Explicit axes, as every
+    effjax and optax ``init`` does).
 
     Args:
       opt: an optax ``GradientTransformation`` (any effjax or optax optimizer).

@@ -354,6 +354,18 @@ def test_relayout_onto_another_mesh(saved, kept, mesh_name):
                             r["params"]["adamw_8bit"])
 
 
+def test_saved_layouts_from_a_state(saved):
+    """``saved=`` also takes a state (here the saved one, concrete): the same target as from
+    the checkpoint's metadata."""
+    params = _abstract_params("2x4")
+    opt = OPTS["adamw_8bit"]
+    from_state = eo.abstract_state(opt, params, saved=saved["ckpt"]["opt_state"]["adamw_8bit"])
+    from_meta = eo.abstract_state(opt, params, saved=saved["meta"]["opt_state"]["adamw_8bit"])
+    assert _layouts(from_state) == [(4, 2), None] * 2
+    assert jax.tree.structure(from_state) == jax.tree.structure(from_meta)
+    assert jax.tree.leaves(from_state) == jax.tree.leaves(from_meta)
+
+
 # 3. Bad input ------------------------------------------------------------------------------
 
 def test_bad_saved_metadata_and_target_name_the_leaf(saved):
