@@ -195,8 +195,9 @@ def abstract_state(opt, params, *, saved=None):
     return _with_saved(state, saved, explicit, mesh)
 
 
-def _with_saved(state, saved, explicit, mesh):
-    """``state`` with each quantized leaf in the layout ``saved`` holds for it."""
+def _with_saved(state, saved, explicit, place):
+    """``state`` with each quantized leaf in the layout ``saved`` holds for it (``place``: the
+    user's mesh, or the one device's sharding when ``explicit`` is None)."""
     if saved is None:
         return state
     saved = getattr(saved, "item_metadata", saved)
@@ -208,12 +209,12 @@ def _with_saved(state, saved, explicit, mesh):
         shards = _saved_shards(saved, path, q)
         if shards == q.shards:
             return q
-        return _requantized(q, shards, explicit, mesh)
+        return _requantized(q, shards, explicit, place)
 
     return jax.tree_util.tree_map_with_path(leaf, state, is_leaf=_is_q)
 
 
-def _requantized(q, shards, explicit, mesh):
+def _requantized(q, shards, explicit, place):
     """The abstract ``QuantizedArray`` of ``q``'s array in the layout ``shards``; shardings
     from tracing the quantization on the array's sharding (Explicit axes), or one device."""
     def quant(x):
@@ -223,7 +224,7 @@ def _requantized(q, shards, explicit, mesh):
 
     if explicit is None:  # one device
         out = jax.eval_shape(quant, jax.ShapeDtypeStruct(q.shape, q.dtype))
-        return jax.tree.map(lambda x: _abstract(x, mesh), out)
+        return jax.tree.map(lambda x: _abstract(x, place), out)
     sizes = dict(explicit.shape)
     spec = tuple(_spec(q.codes)) + (None,) * len(q.shape)
     spec = PartitionSpec(*(e if n % np.prod([sizes[a] for a in _names(e)], dtype=int) == 0
@@ -231,7 +232,7 @@ def _requantized(q, shards, explicit, mesh):
     x = jax.ShapeDtypeStruct(q.shape, q.dtype, sharding=NamedSharding(explicit, spec))
     with jax.set_mesh(explicit):
         out = jax.eval_shape(quant, x)
-    return jax.tree.map(lambda a: _abstract(a, NamedSharding(mesh, _spec(a))), out)
+    return jax.tree.map(lambda a: _abstract(a, NamedSharding(place, _spec(a))), out)
 
 
 def _describe(q) -> str:
