@@ -340,6 +340,11 @@ def _check_args(x, block_size, rounding, key):
         raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
     if rounding == "stochastic" and key is None:
         raise ValueError("rounding='stochastic' needs a PRNG key")
+    if rounding == "stochastic" and not (
+            isinstance(key, jax.Array) and (jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+                                            or (key.dtype == jnp.uint32 and key.shape == (2,)))):
+        raise TypeError(f"key must be a PRNG key (e.g. jax.random.key(0)), got {key!r} "
+                        f"({type(key).__name__})")
     if x.dtype not in _FLOATS:
         raise TypeError(f"quantize_blockwise needs a floating array, got dtype {x.dtype}")
     if x.ndim == 0:
@@ -448,7 +453,9 @@ def _quantize(x, key, *, values, block_size, rounding, scale_dtype, shards):
     local = tuple(xf.shape[grid:])
     xb, lead, length = _blocks(xf, block_size, grid)
     absmax = jnp.max(jnp.abs(xb), axis=-1)
-    absmax = jnp.where(jnp.isfinite(absmax), absmax, jnp.nan)
+    # NaN scale where the block holds NaN or inf: tested on the elements, since XLA:CPU's
+    # reduce-max drops NaN in inputs of >= 4096 elements (openxla/xla#21461)
+    absmax = jnp.where(jnp.all(jnp.isfinite(xb), axis=-1), absmax, jnp.nan)
     stored = round_scale(absmax, scale_dtype)
     absmax = stored.astype(jnp.float32)
     # 1/absmax is subnormal (flushed to 0 on CPU) above 2**126: pre-scale such blocks by 2**-4.
@@ -495,6 +502,10 @@ def dequantize_blockwise(q: QuantizedArray, *, tables: bool | None = None) -> ja
     """
     if not isinstance(q, QuantizedArray):
         raise TypeError(f"dequantize_blockwise needs a QuantizedArray, got {type(q).__name__}")
+    if (not isinstance(q.block_size, (int, np.integer)) or isinstance(q.block_size, bool)
+            or q.block_size < 1):
+        raise ValueError(f"QuantizedArray of shape {q.shape} has block_size {q.block_size!r}; "
+                         "it must be a positive int (was the array built by hand?)")
     want = scales_shape(q.shape, q.block_size, q.shards)
     layout = ("flat layout (block_view " f"{block_view(q.shape, q.block_size)})"
               if q.shards is None else f"shard-local layout over shards {q.shards}")

