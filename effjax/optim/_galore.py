@@ -97,6 +97,7 @@ from effjax.optim._checks import (
     check_updates_like_state,
     is_number,
 )
+from effjax.optim._quantize_state import bad_elements_reset
 
 __all__ = ["GaLoreState", "FiraState", "galore", "galore_adamw", "scale_by_adam_uncorrected",
            "adam_bias_correction", "PROJ_TYPES"]
@@ -476,6 +477,9 @@ def low_rank_transform(inner, *, rank, update_proj_gap, scale, proj_type, projec
             where=where)
         low_u, inner_state = inner.update(treedef.unflatten(lows), state.inner_state, None,
                                           **extra_args)
+        # quantize_state's non-finite rule on the low-rank side: a projected element whose
+        # square overflows (a 1e20 gradient) restarts its moments instead of leaving nu = inf
+        low_u, inner_state = bad_elements_reset(treedef.unflatten(lows), low_u, inner_state)
         low_u = treedef.flatten_up_to(low_u)
         out = list(low_u)
         norms = treedef.flatten_up_to(state.residual_norm) if fira else None

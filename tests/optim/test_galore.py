@@ -524,6 +524,25 @@ def test_multi_transform_branch_and_bfloat16():
 
 # 6. Non-finite gradients and bad input ----------------------------------------------------------
 
+@pytest.mark.parametrize("make", [galore_adamw, fira_adamw])
+def test_a_gradient_whose_square_overflows_keeps_the_state_finite(make):
+    """One element of 1e20 (finite; its projection's square overflows float32): the low-rank
+    moments of the elements it reaches restart from 0 (quantize_state's rule, applied on the
+    low-rank side) instead of nu = inf freezing them; every update and the state stay finite
+    and later steps move the parameters by at most about lr per step."""
+    opt = make(LR, rank=RANK, update_proj_gap=3)
+    step = jit(opt.update)
+    g = [{k: jnp.asarray(v[i]) for k, v in GRADS.items()} for i in range(4)]
+    g[0] = dict(g[0], tall=g[0]["tall"].at[5, 3].set(1e20))
+    s = jit(opt.init)(P0)
+    for i in range(4):
+        u, s = step(g[i], s, P0)
+        leaves = jax.tree.leaves((u, s))
+        assert all(bool(jnp.all(jnp.isfinite(x))) for x in leaves
+                   if jnp.issubdtype(x.dtype, jnp.floating)), i
+        assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(u)) < 10 * LR, i
+
+
 def test_nonfinite_gradient_elements_are_zeros_with_zero_update():
     opt = fira_adamw(LR, rank=RANK, update_proj_gap=3)
     step = jit(opt.update)
