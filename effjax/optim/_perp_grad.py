@@ -59,13 +59,19 @@ def project_out_param_direction(g, w, *, renormalize: bool = True):
     gf, wf = g.astype(dtype).reshape(-1), w.astype(dtype).reshape(-1)
     scale = jnp.max(jnp.abs(wf)) if wf.size else jnp.zeros((), dtype)
     u = wf / jnp.where(scale > 0, scale, 1.0)
+    # A gradient above 2**40 (a 1e20 spike) would overflow the sums of squares: run the
+    # projection on g * 2**-e (max |g * 2**-e| in [0.5, 1)), exactly g's numbers scaled, since
+    # every step commutes with a power-of-two factor; the result is scaled back at the end.
+    gmax = jnp.max(jnp.abs(gf)) if gf.size else jnp.zeros((), dtype)
+    e = jnp.where(gmax > 2.0**40, jnp.frexp(gmax)[1], 0)
+    gf = jnp.ldexp(gf, -e)
     uu = jnp.vdot(u, u)
     coef = jnp.where(uu > 0, jnp.vdot(u, gf) / jnp.where(uu > 0, uu, 1.0), 0.0)
     gp = gf - coef * u
     if renormalize:
         g_norm, gp_norm = jnp.linalg.norm(gf), jnp.linalg.norm(gp)
         gp = jnp.where(gp_norm > 0, gp * (g_norm / jnp.where(gp_norm > 0, gp_norm, 1.0)), 0.0)
-    return gp.reshape(g.shape).astype(g.dtype)
+    return jnp.ldexp(gp, e).reshape(g.shape).astype(g.dtype)
 
 
 def perp_grad(*, renormalize: bool = True) -> optax.GradientTransformation:

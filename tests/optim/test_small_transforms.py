@@ -343,3 +343,22 @@ def test_adam_hyperparams_for_batch_size(b0, b, b1, b2, eps):
 def test_batch_size_bad_input(call, err, match):
     with pytest.raises(err, match=match):
         call()
+
+
+@pytest.mark.parametrize("spike", [1e20, -3e38])
+def test_perp_projection_of_a_huge_gradient_is_finite_and_right(spike):
+    """A gradient element of 1e20 or 3e38 (finite): the sums of squares would overflow float32;
+    the projection runs on a power-of-two-scaled copy, so it equals the float64 equation
+    ``g - (<w, g> / <w, w>) w`` renormalized to ``||g||`` (found by the planted-value check)."""
+    from effjax.optim import project_out_param_direction
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(16, 8)).astype(np.float32)
+    g = rng.normal(size=(16, 8)).astype(np.float32)
+    g[3, 5] = spike
+    got = np.asarray(project_out_param_direction(jnp.asarray(g), jnp.asarray(w)))
+    g64, w64 = g.astype(np.float64), w.astype(np.float64)
+    gp = g64 - (np.vdot(w64, g64) / np.vdot(w64, w64)) * w64
+    want = gp * (np.linalg.norm(g64) / np.linalg.norm(gp))
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * np.abs(want).max())
