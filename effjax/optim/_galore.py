@@ -98,6 +98,7 @@ from effjax.optim._checks import (
     is_number,
 )
 from effjax.optim._quantize_state import bad_elements_reset
+from effjax.optim._spike_utils import zero_moments
 
 __all__ = ["GaLoreState", "FiraState", "galore", "galore_adamw", "scale_by_adam_uncorrected",
            "adam_bias_correction", "PROJ_TYPES"]
@@ -492,7 +493,8 @@ def low_rank_transform(inner, *, rank, update_proj_gap, scale, proj_type, projec
                 s, norms[i] = _limit(s, norms[i], state.count == 0, gamma)
                 u = u + s
             out[i] = u.astype(leaves[i].dtype).reshape(leaves[i].shape)
-        out = [jnp.where(f, u, jnp.zeros_like(u)) for u, f in zip(out, finite)]
+        out = [jnp.where(f, u, jnp.zeros_like(u)).astype(g.dtype)
+               for u, f, g in zip(out, finite, leaves)]
         fields = dict(count=optax.safe_int32_increment(state.count),
                       left=treedef.unflatten(lefts), right=treedef.unflatten(rights),
                       inner_state=inner_state)
@@ -571,15 +573,15 @@ def scale_by_adam_uncorrected(b1=0.9, b2=0.999, eps=1e-6) -> optax.GradientTrans
     ``sqrt(1-b2^t)/(1-b1^t) * m / (sqrt(v) + eps)``.
     """
     def init_fn(params):
-        zeros = lambda p: jnp.zeros_like(p)
         return optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32),
-                                      mu=jax.tree.map(zeros, params),
-                                      nu=jax.tree.map(zeros, params))
+                                      mu=zero_moments(params), nu=zero_moments(params))
 
     def update_fn(updates, state, params=None):
         del params
-        mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, updates)
-        nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * jnp.square(g), state.nu, updates)
+        # in the moments' dtype (float32 for float16 gradients: g^2 underflows in float16)
+        mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g.astype(m.dtype), state.mu, updates)
+        nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * jnp.square(g.astype(v.dtype)),
+                          state.nu, updates)
         out = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps), mu, nu)
         return out, optax.ScaleByAdamState(optax.safe_int32_increment(state.count), mu, nu)
 

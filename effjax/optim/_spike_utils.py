@@ -15,7 +15,8 @@ from effjax.optim._checks import is_number, tree_difference
 from effjax.optim._quantize_state import quantize_state
 
 __all__ = ["Decay", "decay", "leaves_like", "finite", "zero_nonfinite_updates", "maybe_quantize",
-           "weight_decay_stage", "square_limit", "scaled_norm", "squares_in_range"]
+           "weight_decay_stage", "square_limit", "scaled_norm", "squares_in_range",
+           "moment_dtype", "zero_moments"]
 
 
 class Decay(NamedTuple):
@@ -154,3 +155,18 @@ def weight_decay_stage(stage: optax.GradientTransformation, weight_decay):
         return updates, state
 
     return optax.GradientTransformation(stage.init, update_fn)
+
+
+def moment_dtype(dtype):
+    """The dtype a float moment of a parameter of ``dtype`` is kept in: the parameter's, except
+    float16, whose range cannot hold a second moment (``(1 - b2) g^2`` underflows below 6e-8
+    for ``|g| < 0.008`` and overflows above 256): float32 there, as bitsandbytes keeps its
+    32-bit states. bfloat16 has float32's range and keeps its dtype (as optax and the
+    official SPAM/GaLore code)."""
+    return jnp.float32 if jnp.dtype(dtype) == jnp.float16 else dtype
+
+
+def zero_moments(params):
+    """Zeros like ``params`` in :func:`moment_dtype`."""
+    return jax.tree.map(lambda p: jnp.zeros_like(p, dtype=moment_dtype(p.dtype)), params)
+

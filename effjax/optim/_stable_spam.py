@@ -92,6 +92,7 @@ from effjax.optim._spike_utils import (
     square_limit,
     squares_in_range,
     weight_decay_stage,
+    zero_moments,
     zero_nonfinite_updates,
 )
 
@@ -481,7 +482,7 @@ def scale_by_stable_spam(
 
     def init_fn(params):
         check_float_params(params, where="scale_by_stable_spam")
-        zeros = lambda: jax.tree.map(jnp.zeros_like, params)
+        zeros = lambda: zero_moments(params)
         return ScaleByStableSpamState(
             count=jnp.zeros([], jnp.int32), step=jnp.zeros([], jnp.int32), mu=zeros(),
             nu=zeros(), m_max=_scalars(params), m_norm=_scalars(params), v_norm=_scalars(params))
