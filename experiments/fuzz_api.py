@@ -140,6 +140,17 @@ QUICK = (
     "peft/LoRA/rank=0",
     "compress/FakeQuant/bits=17",
     "compress/fake_quantize_params/int-leaf",
+    # one case of each kind of defect the full run found at fddb3e7 (classes b, c, d then)
+    "optim/adamw_8bit/grad-1e+20",
+    "optim/adamw_8bit/float16-grad-300",
+    "optim/state-from-adamw_8bit->adamw_4bit",
+    "optim/adamw_8bit/learning_rate=None",
+    "optim/stable_spam/float16-params",
+    "optim/galore_adamw/grad-1e+20",
+    "quant/quantize/codebook=256 with a value 3 times",
+    "quant/quantize/x-zero-size",
+    "peft/inject/method=the LoRA class",
+    "peft/LoRA/rank=10**9",
 )
 
 
