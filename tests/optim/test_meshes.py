@@ -159,10 +159,7 @@ def _one_device():
 
 @pytest.mark.parametrize("kind", ["auto", "explicit"])
 @pytest.mark.parametrize("name", list(ROWS))
-def test_sharded_step(name, kind, request):
-    reason = _XFAIL.get((name, kind))
-    if reason:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
+def test_sharded_step(name, kind):
     row = ROWS[name]
     got = _run(kind)[name]
     if isinstance(got, Exception):
@@ -188,9 +185,6 @@ def test_sharded_step(name, kind, request):
     # of each element (measured: 5.5 ulps of one element of stable_spam's nu).
     _assert_trees_equal(new_state, want[1], f"{kind} mesh vs one device: state",
                         ulps=row.ulps if row.collectives is None else max(row.ulps, 16))
-
-
-_XFAIL: dict = {}  # (row, mesh kind) -> reason: none known today
 
 
 # The issue's own cases, at full size with the default blocks of 256: a (512, 384) leaf sharded

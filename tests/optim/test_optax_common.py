@@ -102,7 +102,6 @@ class Case(NamedTuple):
     factory: Callable[..., optax.GradientTransformation]
     kwargs: dict  # the factory's arguments, learning_rate included (optax's opt_kwargs)
     converges: bool = True  # False: the method does not aim at the loss minimum (docstring)
-    xfail: dict = {}  # check -> reason (strict: a known defect of issue 19 another session owns)
 
 
 LOWBIT = {
@@ -132,12 +131,6 @@ CASES.update({
     "scale_by_inverse_param_norm": Case(_with_lr(eo.scale_by_inverse_param_norm),
                                         dict(learning_rate=1e-3, eta=2.0)),
 })
-
-
-def _xfail_if_known(request, name, check):
-    reason = CASES[name].xfail.get(check)
-    if reason:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
 
 
 @functools.cache
@@ -251,8 +244,7 @@ def test_gradient_accumulation_first_mini_step_is_zero(name):
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_learning_rate_annotated_as_optax_schedule(name, request):
-    _xfail_if_known(request, name, "annotation")
+def test_learning_rate_annotated_as_optax_schedule(name):
     lr = inspect.signature(CASES[name].factory).parameters["learning_rate"]
     assert lr.annotation is optax.ScalarOrSchedule
 

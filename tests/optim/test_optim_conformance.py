@@ -7,8 +7,8 @@ Each check compares the optimizer with an independent composition written here (
 applied by hand, the eager step on the mean of two gradients, the eager step scaled by the
 scheduled learning rate, the step from the state before saving), never a function with itself.
 Method-specific maths lives in the per-method tests (test_lowbit_conformance.py, test_spam.py,
-test_galore.py, test_small_transforms.py). Defects known today are strict xfails that name
-their item of issue 19, so the day one is fixed its xfail fails and must be removed.
+test_galore.py, test_small_transforms.py). No row has a known defect today (issue 19 fixed
+the ones this table first found).
 """
 
 from __future__ import annotations
@@ -83,7 +83,6 @@ class Row(NamedTuple):
     quantized: bool = False  # every param-sized state leaf is a QuantizedArray
     collectives: str | None = None  # why the sharded step needs a collective (None: it must not)
     ulps: int = 4  # float tolerance when two programs are compared (_assert_trees_equal)
-    xfail: dict = {}  # check -> reason (strict: the defect must still be there)
 
 
 def _then_lr(transform):
@@ -235,12 +234,6 @@ def _param_of(path):  # the parameter a state leaf belongs to: the last dict key
     return keys[-1] if keys and keys[-1] in SHAPES else None
 
 
-def _xfail_if_known(request, name, check):
-    reason = ROWS[name].xfail.get(check)
-    if reason:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
-
-
 # 0. The low-bit rows really are low-bit ----------------------------------------------------------
 
 @pytest.mark.parametrize("name", [n for n in ROWS if ROWS[n].quantized])
@@ -259,7 +252,7 @@ def test_low_bit_rows_quantize_every_moment(name):
 # 1. jit ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", list(ROWS))
-def test_jit_equals_eager_and_descends(name, request):
+def test_jit_equals_eager_and_descends(name):
     """The jitted step equals the eager (op by op) one, and a few steps descend a quadratic.
 
     Not bit for bit: inside a fusion XLA rewrites some expressions (a division by a broadcast
@@ -269,7 +262,6 @@ def test_jit_equals_eager_and_descends(name, request):
     updates, where the low-rank product cancels; at most 2.5 ulps of the leaf's largest
     entry). The states came out identical (but Fira's residual norm, 1 ulp); counters and
     quantization codes are compared exactly."""
-    _xfail_if_known(request, name, "jit")
     update, s0 = _jitted(name), _init(name)
     g = _grad(P0)
     eager = _eager(name)(g, s0, P0)
@@ -293,10 +285,9 @@ def _clip_by_hand(g, max_norm=1.0):
 
 
 @pytest.mark.parametrize("name", list(ROWS))
-def test_chain_after_clip_equals_clip_by_hand(name, request):
+def test_chain_after_clip_equals_clip_by_hand(name):
     """``chain(clip_by_global_norm(1), opt)`` equals clipping by hand, then ``opt``: two steps
     with gradients of norm 47 and 88 (Adam-like steps are not invariant to the clip then)."""
-    _xfail_if_known(request, name, "chain")
     chained = optax.chain(optax.clip_by_global_norm(1.0), _opt(name))
     s = chained.init(P0)
     _assert_trees_equal(s[1], _init(name), "init inside the chain")
@@ -313,12 +304,11 @@ def test_chain_after_clip_equals_clip_by_hand(name, request):
 # 3. inject_hyperparams -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", list(ROWS))
-def test_inject_hyperparams_learning_rate_schedule(name, request):
+def test_inject_hyperparams_learning_rate_schedule(name):
     """Only the learning rate injected (every other argument static), scheduled as
     ``lr * 2**count``: the state is the optimizer's own, step 1 equals its step and step 2 is
     exactly twice its step (the learning rate multiplies the whole update, and doubling is
     exact in floating point)."""
-    _xfail_if_known(request, name, "inject")
     row = ROWS[name]
     static = tuple(a for a in inspect.signature(row.factory).parameters if a != "learning_rate")
     injected = optax.inject_hyperparams(row.factory, static_args=static)(
@@ -336,11 +326,10 @@ def test_inject_hyperparams_learning_rate_schedule(name, request):
 
 
 @pytest.mark.parametrize("name", list(ROWS))
-def test_inject_hyperparams_every_numeric_argument_keeps_the_state_structure(name, request):
+def test_inject_hyperparams_every_numeric_argument_keeps_the_state_structure(name):
     """optax.inject_hyperparams turns every numeric argument (defaults included) into an array,
     except the documented static ones: the state's structure, shapes and dtypes must not change
     (optax's own common test; lax.cond in MultiSteps and apply_if_finite need it too)."""
-    _xfail_if_known(request, name, "inject:all")
     row = ROWS[name]
     injected = optax.inject_hyperparams(row.factory, static_args=row.static)(
         learning_rate=row.lr, **row.kwargs)
@@ -356,10 +345,9 @@ def test_inject_hyperparams_every_numeric_argument_keeps_the_state_structure(nam
 # 4. MultiSteps ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", list(ROWS))
-def test_multisteps_equals_step_on_mean_gradient(name, request):
+def test_multisteps_equals_step_on_mean_gradient(name):
     """``MultiSteps(opt, 2)``: no update and an untouched inner state after the first
     gradient, then the step of ``opt`` on the mean of the two."""
-    _xfail_if_known(request, name, "multisteps")
     ms = optax.MultiSteps(_opt(name), every_k_schedule=2)
     step, s = jit(ms.update), ms.init(P0)
     u0, s = step(G[0], s, P0)
@@ -375,10 +363,9 @@ def test_multisteps_equals_step_on_mean_gradient(name, request):
 # 5. Orbax --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", list(ROWS))
-def test_orbax_roundtrip_and_bit_identical_resume(name, tmp_path, request):
+def test_orbax_roundtrip_and_bit_identical_resume(name, tmp_path):
     """Save the state after two steps with orbax, restore it: equal leaf for leaf (codes and
     scales of QuantizedArray included), and the next step from it is bit-identical."""
-    _xfail_if_known(request, name, "orbax")
     update, s, p = _jitted(name), _init(name), P0
     for g in G[:2]:
         u, s = update(g, s, p)
@@ -442,19 +429,17 @@ def _sharded(tree):
 
 
 @pytest.mark.parametrize("name", list(ROWS))
-def test_sharded_init_keeps_param_sharding(name, request):
+def test_sharded_init_keeps_param_sharding(name):
     """``opt.init`` (eager, as users call it) on params sharded ``P('x', 'y')`` on a 4 x 2 mesh
     gives state sharded like the parameters."""
-    _xfail_if_known(request, name, "sharding:init")
     _assert_sharded_like_params(_opt(name).init(_sharded(P0)), "init")
 
 
 @pytest.mark.parametrize("name", list(ROWS))
-def test_sharded_step_keeps_sharding_without_collectives(name, request):
+def test_sharded_step_keeps_sharding_without_collectives(name):
     """The jitted step on sharded params and state: no collective in the compiled HLO (except
     where the row says why the algorithm needs one), state and updates sharded like the
     parameters after the step, and the same numbers as the unsharded step."""
-    _xfail_if_known(request, name, "sharding:step")
     opt = _opt(name)
     params, grads = _sharded(P0), _sharded(G[0])
     state = opt.init(params)
@@ -481,8 +466,7 @@ _BAD = {  # updates unlike the params given to init, and the path the error must
 
 @pytest.mark.parametrize("case", list(_BAD))
 @pytest.mark.parametrize("name", list(ROWS))
-def test_mismatched_updates_raise_naming_the_leaf(name, case, request):
-    _xfail_if_known(request, name, case)
+def test_mismatched_updates_raise_naming_the_leaf(name, case):
     opt = _opt(name)
     state = jax.eval_shape(opt.init, P0)
     bad, path = _BAD[case]
