@@ -181,6 +181,17 @@ def parse_einsum(subscripts: str, x_ndim: int, k_ndim: int) -> tuple[str, str, s
     return x_spec, k_spec, o_spec
 
 
+def _prologue(x, kernel, out_sharding, preferred_element_type):
+    """``(x, kernel, op keywords)`` shared by the two ops: a node without low-rank factors is
+    materialized (the dense path)."""
+    kw = {} if out_sharding is None else {"out_sharding": out_sharding}
+    if preferred_element_type is not None:
+        kw["preferred_element_type"] = preferred_element_type
+    if is_adapter(kernel) and not has_low_rank_factors(kernel):
+        kernel = kernel.materialize()
+    return jnp.asarray(x), kernel, kw
+
+
 def adapted_einsum(subscripts: str, x: jax.Array, kernel: Any, *, dtype: Any = None,
                    precision: Any = None, preferred_element_type: Any = None,
                    einsum_op: Callable = jnp.einsum, out_sharding: Any = None) -> jax.Array:
@@ -216,12 +227,7 @@ def adapted_einsum(subscripts: str, x: jax.Array, kernel: Any, *, dtype: Any = N
       >>> bool(jnp.allclose(y, jnp.einsum('td,dhk->thk', x, node.materialize()), atol=1e-5))
       True
     """
-    x = jnp.asarray(x)
-    kw = {} if out_sharding is None else {"out_sharding": out_sharding}
-    if preferred_element_type is not None:
-        kw["preferred_element_type"] = preferred_element_type
-    if is_adapter(kernel) and not has_low_rank_factors(kernel):
-        kernel = kernel.materialize()
+    x, kernel, kw = _prologue(x, kernel, out_sharding, preferred_element_type)
     if not is_adapter(kernel):
         xc, kc = _promote(x, kernel, dtype)
         return einsum_op(subscripts, xc, kc, precision=precision, **kw)
@@ -279,12 +285,7 @@ def adapted_dot_general(x: jax.Array, kernel: Any, dimension_numbers, *, dtype: 
       >>> adapted_dot_general(jnp.ones((1, 4)), node, (((1,), (0,)), ((), ())))  # 4 * 2 * 2
       Array([[16., 16., 16.]], dtype=float32)
     """
-    x = jnp.asarray(x)
-    kw = {} if out_sharding is None else {"out_sharding": out_sharding}
-    if preferred_element_type is not None:
-        kw["preferred_element_type"] = preferred_element_type
-    if is_adapter(kernel) and not has_low_rank_factors(kernel):
-        kernel = kernel.materialize()
+    x, kernel, kw = _prologue(x, kernel, out_sharding, preferred_element_type)
     if not is_adapter(kernel):
         xc, kc = _promote(x, kernel, dtype)
         return dot_general(xc, kc, dimension_numbers, precision=precision, **kw)
