@@ -51,6 +51,13 @@ from effjax.peft.corda import CorDA, corda_decompose
 from effjax.peft.dora import DoRA, DoRAWeight
 from effjax.peft.eva import EVA, eva_components, eva_rules
 from effjax.peft.gradients import gradient_calibration
+from effjax.peft.hf_format import (
+    from_peft_state_dict,
+    llama_module_names,
+    load_peft_adapter,
+    save_peft_adapter,
+    to_peft_state_dict,
+)
 from effjax.peft.io import load_adapters, read_adapter_config, save_adapters
 from effjax.peft.lamda import LaMDA, LaMDAFreezeState, LaMDAWeight, frozen_components, lamda_freeze
 from effjax.peft.layout import KernelLayout
@@ -99,6 +106,8 @@ __all__ = [
     "calibrate", "input_stats", "InputStats", "gradient_calibration",
     "inject", "materialize", "merge", "trainable_mask", "split", "combine", "summary", "Summary",
     "adapter_paths", "leaf_key", "save_adapters", "load_adapters", "read_adapter_config",
+    "save_peft_adapter", "load_peft_adapter", "to_peft_state_dict", "from_peft_state_dict",
+    "llama_module_names",
     "AdapterMethod", "KernelAdapter", "AdapterNode", "adapter_node", "is_adapter",
     "register_adapter", "registered_adapters", "method_to_config", "method_from_config",
     "KernelLayout", "Rule", "compile_rules", "assign_rules",
