@@ -39,6 +39,9 @@ def project_out_param_direction(g, w, *, renormalize: bool = True):
     largest absolute value, which leaves the projection unchanged and keeps ``<w, w>`` from
     underflowing or overflowing. Where ``w = 0`` there is no direction to remove and ``g`` is
     returned unchanged; where ``g_perp = 0`` (``g`` parallel to ``w``) the result is 0.
+    Non-finite entries of ``g`` (NaN, +-inf) count as 0 in ``<w, g>`` and the norms, and are
+    passed through unchanged (optax's convention: the optimizer after it decides); the other
+    entries are the projection of ``g`` with 0 there.
 
     Example:
       >>> import jax.numpy as jnp
@@ -57,6 +60,10 @@ def project_out_param_direction(g, w, *, renormalize: bool = True):
         return out if spec is None else jax.sharding.reshard(out, PartitionSpec(*spec[0]))
     dtype = jnp.promote_types(g.dtype, jnp.float32)
     gf, wf = g.astype(dtype).reshape(-1), w.astype(dtype).reshape(-1)
+    # Non-finite entries of g count as 0 in <w, g> and the norms (one NaN would otherwise turn
+    # every entry into NaN, or, renormalized, zero the whole tensor) and pass through unchanged.
+    ok = jnp.isfinite(gf)
+    gf = jnp.where(ok, gf, 0.0)
     scale = jnp.max(jnp.abs(wf)) if wf.size else jnp.zeros((), dtype)
     u = wf / jnp.where(scale > 0, scale, 1.0)
     # A gradient above 2**40 (a 1e20 spike) would overflow the sums of squares: run the
@@ -71,7 +78,8 @@ def project_out_param_direction(g, w, *, renormalize: bool = True):
     if renormalize:
         g_norm, gp_norm = jnp.linalg.norm(gf), jnp.linalg.norm(gp)
         gp = jnp.where(gp_norm > 0, gp * (g_norm / jnp.where(gp_norm > 0, gp_norm, 1.0)), 0.0)
-    return jnp.ldexp(gp, e).reshape(g.shape).astype(g.dtype)
+    out = jnp.where(ok, jnp.ldexp(gp, e), g.astype(dtype).reshape(-1))
+    return out.reshape(g.shape).astype(g.dtype)
 
 
 def perp_grad(*, renormalize: bool = True) -> optax.GradientTransformation:
@@ -81,7 +89,9 @@ def perp_grad(*, renormalize: bool = True) -> optax.GradientTransformation:
 
     One projection per leaf, as the official ``OrthoGrad`` wrapper (which projects every
     parameter tensor on its own and rescales to the gradient's norm). ``w = 0`` leaves the
-    update unchanged (no NaN).
+    update unchanged (no NaN). It keeps no state; a non-finite update entry counts as 0 in the
+    projection of the others and is passed through unchanged, as optax's transforms do (an
+    optimizer after it, such as ``optax.adamw``, then takes it into that entry's moments).
 
     Args:
       renormalize: rescale each projected leaf to the norm of the incoming one, as the official

@@ -368,7 +368,10 @@ def momentum_reset(inner: optax.GradientTransformation, interval: int, *,
     corrections restart; wrap the moment-holding transform itself (e.g.
     ``optax.scale_by_adam()``), not an alias with learning-rate schedules, whose counters would
     restart too. Moments whose initial value is not 0 (e.g. ``optax.adagrad``'s accumulator)
-    are still set to 0.
+    are still set to 0. Non-finite gradients: ``momentum_reset`` keeps only a step counter and
+    hands every gradient to ``inner``, whose convention applies (``optax.scale_by_adam`` takes a
+    NaN into that element's moments and update, optax's convention); a reset sets those moments
+    to 0, NaN included.
 
     Args:
       inner: the transformation whose moments are reset.

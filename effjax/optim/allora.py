@@ -185,6 +185,10 @@ def scale_by_inverse_param_norm(
     learning rate it acts as a per-output learning rate; before Adam-type transforms it mostly
     cancels, since they are invariant to a slowly varying per-coordinate gradient scale.
 
+    It keeps no state. A non-finite update entry is passed through unchanged (scaled by its
+    coefficient), optax's convention (as ``optax.scale``); a non-finite parameter gives its
+    output unit a NaN coefficient (inf: 0).
+
     Args:
       eta: ``> 0``: the multiplier at ``theta = 0``.
       axis: axes reduced by the norm (see above).

@@ -167,3 +167,25 @@ def test_quantized_state_leaves_are_quantized():
         state = make().init({"w": jnp.zeros(SHAPE)})
         assert any(isinstance(x, QuantizedArray) for x in jax.tree.leaves(
             state, is_leaf=lambda x: isinstance(x, QuantizedArray))), name
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_perp_grad_passes_nonfinite_entries_through(renormalize):
+    """perp_grad keeps no state and follows optax's convention: a NaN/inf entry is passed
+    through unchanged and counts as 0 in <w, g> and the norms, so the other entries are the
+    projection (the equation, in float64 numpy) of the gradient with 0 there. (It used to turn
+    every entry NaN without renormalization, and zero the whole tensor with it.)"""
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(6, 10)).astype(np.float32)
+    g = rng.normal(size=(6, 10)).astype(np.float32)
+    g[1, 2], g[4, 7], g[5, 0] = np.nan, np.inf, -np.inf
+    out, _ = eo.perp_grad(renormalize=renormalize).update({"w": jnp.asarray(g)}, None,
+                                                          {"w": jnp.asarray(w)})
+    out = np.asarray(out["w"])
+    bad = ~np.isfinite(g)
+    np.testing.assert_array_equal(out[bad], g[bad])
+    g0, w64 = np.where(bad, 0.0, g).astype(np.float64), w.astype(np.float64)
+    gp = g0 - (np.vdot(w64, g0) / np.vdot(w64, w64)) * w64
+    if renormalize:
+        gp *= np.linalg.norm(g0) / np.linalg.norm(gp)
+    np.testing.assert_allclose(out[~bad], gp[~bad], rtol=2e-5, atol=1e-6)  # float32 sums
