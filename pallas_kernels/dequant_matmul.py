@@ -200,16 +200,26 @@ def dequant_matmul_reference(x, codes, absmax, table, *, block_size: int, lora_a
       >>> y.tolist()
       [[64.0, 64.0, 64.0], [64.0, 64.0, 64.0]]
     """
+    x = jnp.asarray(x)
     d = check_operands(x, codes, absmax, table, block_size=block_size, lora_a=lora_a,
                        lora_b=lora_b)
-    dt = x.dtype
-    out_dtype = dt if out_dtype is None else jnp.dtype(out_dtype)
-    x2 = x.reshape(d.m, d.k)
+    out_dtype = x.dtype if out_dtype is None else jnp.dtype(out_dtype)
+    y = _reference_2d(x.reshape(d.m, d.k), codes, absmax, table, lora_a, lora_b,
+                      block_size=int(block_size), scale=_scale(lora_scale),
+                      out_dtype=jnp.dtype(out_dtype).name, precision=precision)
+    return y.reshape(x.shape[:-1] + (d.n,))
+
+
+@functools.partial(jax.jit, static_argnames=("block_size", "scale", "out_dtype", "precision"))
+def _reference_2d(x2, codes, absmax, table, lora_a, lora_b, *, block_size, scale, out_dtype,
+                  precision):
+    # one XLA program (jitted: eager calls reuse it; inside a jit it is inlined)
+    dt = x2.dtype
     w = dequantize_4bit_weight(codes, absmax, table, block_size=block_size, dtype=dt)
     y = jnp.dot(x2, w, precision=precision, preferred_element_type=jnp.float32)
     if lora_a is not None:
-        y = y + _lora_term(x2, lora_a, lora_b, _scale(lora_scale), dt, precision)
-    return y.astype(out_dtype).reshape(x.shape[:-1] + (d.n,))
+        y = y + _lora_term(x2, lora_a, lora_b, scale, dt, precision)
+    return y.astype(out_dtype)
 
 
 def _scale(s) -> float:
@@ -280,9 +290,10 @@ def _tiles(d: _Dims, interp: bool, block_m, block_n, block_k) -> _Tiles:
         bm = min(bw.pow2_ceil(d.m), 256)
         bn = min(bw.pow2_ceil(d.n), 256)
         bk = _largest_pow2_divisor(d.k, 1024)
-    else:  # not tuned on a GPU yet (Triton's tl.dot needs every dimension >= 16)
+    else:  # not tuned on a GPU yet (Triton's tl.dot needs every dimension >= 16); at decode
+        # sizes (M <= 16) narrower N tiles give twice the programs over the weight
         bm = min(max(bw.pow2_ceil(d.m), 16), 64)
-        bn = 64
+        bn = 32 if d.m <= 16 else 64
         bk = _largest_pow2_divisor(d.k, 256)
     bm, bn, bk = (v if u is None else u for u, v in ((block_m, bm), (block_n, bn),
                                                       (block_k, bk)))
@@ -494,7 +505,7 @@ def _make(st: _Static):
         return dx, zc, jnp.zeros_like(absmax), jnp.zeros_like(table), da, db
 
     f.defvjp(fwd, bwd)
-    return f
+    return jax.jit(f)  # eager calls reuse one compiled program; inside a jit it is inlined
 
 
 # ----------------------------------------------------------------------------- public
@@ -521,7 +532,8 @@ def dequant_matmul(x, codes, absmax, table, *, block_size: int, lora_a=None, lor
       out_dtype: output dtype (default ``x.dtype``).
       interpret: interpret mode; ``None``: on CPU (the only way Pallas runs there).
       block_m, block_n, block_k: tile sizes (powers of two; ``block_k`` divides K; >= 16 when
-        compiled). Defaults: large tiles in interpret mode; 16..64 x 64 x 256 on a GPU.
+        compiled). Defaults: large tiles in interpret mode; on a GPU (untuned) 16..64 x
+        32 (M <= 16) or 64 x up to 256.
       lookup: gather the 16 table values (default when compiled) instead of a tree of
         selects (default in interpret mode); the values are the same.
       precision: ``jax.lax.Precision`` of the dots (kernel and XLA parts).

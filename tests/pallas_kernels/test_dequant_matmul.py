@@ -228,7 +228,7 @@ def test_forward_and_backward_lower_to_triton_for_cuda(monkeypatch):
     def f(x, a, b):
         y = D.dequant_matmul(x, ops["codes"], ops["absmax"], ops["table"], block_size=64,
                              lora_a=a, lora_b=b, interpret=False, block_k=32)
-        return jnp.sum(y.astype(jnp.float32))
+        return jnp.sum(y.astype(jnp.float32) ** 2)  # squared: the backward needs y
 
     text = jax.jit(jax.grad(f, argnums=(0, 1, 2))).trace(
         ops["x"], ops["lora_a"], ops["lora_b"]).lower(lowering_platforms=("cuda",)).as_text()
