@@ -1,9 +1,28 @@
 """effjax.compress: weight quantization, QAT, sparsity and low-rank compression rewriters.
 
+* Weight quantization (QLoRA bases): formats :class:`NF4`, :class:`FP4`, :class:`Int8`,
+  :class:`Int4`; :func:`quantize_params` with ordered ``{regex: format}`` rules gives
+  :class:`QuantizedWeight` nodes (bitsandbytes' bytes for NF4/FP4), :func:`materialize`
+  dequantizes, :func:`quantization_report` prints bits per parameter.
 * Fake quantization with a straight-through estimator (QAT): :func:`fake_quantize`, and the
   param-tree rewriter :func:`fake_quantize_params` with ordered ``{regex: FakeQuant}`` rules.
 """
 
 from effjax.compress.fake_quant import FakeQuant, fake_quantize, fake_quantize_params
+from effjax.compress.weight_quant import (
+    FP4,
+    NF4,
+    Int4,
+    Int8,
+    QuantizedWeight,
+    WeightFormat,
+    bits_per_parameter,
+    is_quantized,
+    materialize,
+    quantization_report,
+    quantize_params,
+)
 
-__all__ = ["fake_quantize", "FakeQuant", "fake_quantize_params"]
+__all__ = ["fake_quantize", "FakeQuant", "fake_quantize_params", "WeightFormat", "NF4", "FP4",
+           "Int8", "Int4", "QuantizedWeight", "quantize_params", "materialize", "is_quantized",
+           "quantization_report", "bits_per_parameter"]
