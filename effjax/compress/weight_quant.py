@@ -244,7 +244,7 @@ def from_row_view(m: jax.Array, lay: KernelLayout) -> jax.Array:
 
 def _quantize(w: jax.Array, fmt: WeightFormat) -> QuantizedWeight:
     lay = fmt.layout(w.shape)
-    rows, k = lay.n_batch * lay.n_out, lay.n_in
+    k = lay.n_in
     if fmt.block and fmt.block > k:
         raise ValueError(f"{type(fmt).__name__} block of {fmt.block} is longer than the "
                          f"contraction axes {lay.in_shape} (K = {k}) of this kernel: use a "
@@ -256,6 +256,15 @@ def _quantize(w: jax.Array, fmt: WeightFormat) -> QuantizedWeight:
         bad = int(jnp.sum(~jnp.isfinite(w)))
         raise ValueError(f"{bad} non-finite value(s) in the kernel: a quantized weight would "
                          "decode them to NaN for whole blocks")
+    run = _encode if isinstance(w, jax.core.Tracer) else _encode_jit
+    arrays = run(w, fmt)
+    return QuantizedWeight(*arrays, shape=tuple(w.shape), dtype=jnp.dtype(w.dtype), format=fmt)
+
+
+def _encode(w: jax.Array, fmt: WeightFormat):
+    """The arrays of a :class:`QuantizedWeight` (arguments checked)."""
+    lay = fmt.layout(w.shape)
+    rows, k = lay.n_batch * lay.n_out, lay.n_in
     m = to_row_view(w, lay)
     mins = None
     if isinstance(fmt, _FourBit):
@@ -272,9 +281,11 @@ def _quantize(w: jax.Array, fmt: WeightFormat) -> QuantizedWeight:
     nested = offset = None
     if fmt.double_quant:
         scales, nested, offset = wq.double_quantize(scales)
-    return QuantizedWeight(codes=codes, scales=scales, scales_absmax=nested,
-                           scales_offset=offset, mins=mins, shape=tuple(w.shape),
-                           dtype=jnp.dtype(w.dtype), format=fmt)
+    return codes, scales, nested, offset, mins
+
+
+# eagerly (a concrete kernel), one compiled program per (shape, dtype, format)
+_encode_jit = jax.jit(_encode, static_argnames=("fmt",))
 
 
 def quantize_params(params: Any, rules: Any) -> Any:
