@@ -68,7 +68,6 @@ import string
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -76,9 +75,10 @@ from effjax._optional import import_optional
 from effjax.peft.base import AdapterMethod, is_adapter
 from effjax.peft.dora import DoRA, DoRAWeight
 from effjax.peft.eva import EVA
+from effjax.peft.layout import place_like
 from effjax.peft.lora import LoRA, LoRAWeight
-from effjax.peft.tree import adapter_paths, inject
-from effjax.selection import path_str, tree_paths
+from effjax.peft.tree import adapter_paths
+from effjax.selection import rewrite, tree_paths
 
 __all__ = ["save_peft_adapter", "load_peft_adapter", "to_peft_state_dict",
            "from_peft_state_dict", "llama_module_names", "UNSUPPORTED_FIELDS"]
@@ -429,8 +429,7 @@ def _split_key(key: str) -> tuple[str, str]:
 
 
 def from_peft_state_dict(tensors: Mapping[str, Any], config: Mapping[str, Any],
-                         base_params: Any, *, module_names: Any, rules: Any = None,
-                         key: jax.Array | None = None) -> Any:
+                         base_params: Any, *, module_names: Any, rules: Any = None) -> Any:
     """Inject a PEFT LoRA / DoRA adapter (state dict + config) into ``base_params``.
 
     Every module of the adapter must be the name ``module_names`` gives some kernel (or slice
@@ -438,9 +437,11 @@ def from_peft_state_dict(tensors: Mapping[str, Any], config: Mapping[str, Any],
     :class:`~effjax.peft.LoRAWeight` (:class:`~effjax.peft.DoRAWeight` with ``use_dora``) with
     rank :math:`r` from ``lora_A``, :math:`\\alpha` from ``alpha_pattern`` / ``lora_alpha``,
     rsLoRA from ``use_rslora``, :math:`A` = ``lora_A.T``, :math:`B` = ``lora_B.T`` (and
-    :math:`m`), cast to the dtype :func:`effjax.peft.inject` gives the adapter (float32 over
-    bfloat16 / float16 kernels, as PEFT's ``autocast_adapter_dtype``) and placed like the
-    kernel. Stacked kernels need every slice's module and one rank and alpha for all slices.
+    :math:`m`), cast to the adapter dtype :func:`effjax.peft.inject` would give (the config's
+    ``dtype``, else the kernel's, float32 over bfloat16 / float16 kernels as PEFT's
+    ``autocast_adapter_dtype``) and sharded like the kernel; the nodes are built from the
+    loaded values directly (nothing is drawn at random). Stacked kernels need every slice's
+    module and one rank and alpha for all slices.
 
     A PEFT adapter trained from PiSSA / OLoRA / CorDA initialization (``init_lora_weights``)
     belongs on the residual base model it was saved with; pass that model's params.
@@ -456,8 +457,6 @@ def from_peft_state_dict(tensors: Mapping[str, Any], config: Mapping[str, Any],
         ``out_axes``, ``batch_axes``, ``dtype``) of matching kernels; rank, alpha and rsLoRA
         always come from the adapter. Default: a stacked kernel's leading axes are batch
         axes, then the first axis is the input, the rest the output.
-      key: the PRNG key given to :func:`effjax.peft.inject` (the loaded values replace what it
-        draws; default ``jax.random.key(0)``).
 
     Returns:
       The adapted tree.
@@ -470,6 +469,7 @@ def from_peft_state_dict(tensors: Mapping[str, Any], config: Mapping[str, Any],
         kernel with slices missing or with different ranks or alphas; a factor whose shape
         does not fit the kernel (the message names the module, the path and both shapes);
         a rank that disagrees with the config's ``r`` / ``rank_pattern``.
+      TypeError: a targeted kernel that is not a floating array (named with its path).
 
     Example:
       >>> import jax.numpy as jnp, numpy as np
@@ -509,6 +509,7 @@ def from_peft_state_dict(tensors: Mapping[str, Any], config: Mapping[str, Any],
     paths, leaves, _ = tree_paths(base_params, is_leaf=is_adapter)
     where: dict[str, tuple[str, tuple[int, ...]]] = {}
     names_at: dict[str, np.ndarray] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
     for p, leaf in zip(paths, leaves):
         shape = tuple(getattr(leaf, "shape", ()))
         if is_adapter(leaf) or len(shape) < 2:
@@ -520,7 +521,7 @@ def from_peft_state_dict(tensors: Mapping[str, Any], config: Mapping[str, Any],
             raise ValueError(f"module_names gives names of shape {names.shape} for '{p}' of "
                              f"shape {shape}: a stacked kernel's names must match its leading "
                              f"axes and leave 2 axes (in, out)")
-        names_at[p] = names
+        names_at[p], shapes[p] = names, shape
         for idx in np.ndindex(*names.shape):
             where[names[idx]] = (p, idx)
     for name in modules:
@@ -561,7 +562,7 @@ def from_peft_state_dict(tensors: Mapping[str, Any], config: Mapping[str, Any],
             raise ValueError(f"the stacked kernel '{p}' is one effjax node with one rank and "
                              f"alpha, but its modules have (rank, alpha) {hyper}")
         (r, alpha), = set(hyper.values())
-        shape = tuple(leaves[paths.index(p)].shape)
+        shape = shapes[p]
         method = _method(p, shape, names.ndim, template_rules, dora=dora, rank=r, alpha=alpha,
                          rslora=rslora)
         lay = method.layout(shape)
@@ -594,18 +595,19 @@ def from_peft_state_dict(tensors: Mapping[str, Any], config: Mapping[str, Any],
         if dora:
             values[p]["m"] = m.reshape(lay.batch_shape + lay.out_shape)
 
-    key = jax.random.key(0) if key is None else key
-    tree = inject(base_params, {re.escape(p): mth for p, mth in targets.items()}, key=key)
+    def build(path: str, w: Any, target: tuple[LoRA, dict[str, np.ndarray]]) -> Any:
+        method, vals = target
+        lay = method.layout(w.shape)
+        dtype = method.adapter_dtype(w.dtype)
+        a = place_like(jnp.asarray(vals["a"], dtype), w, lay.batch_axes + lay.in_axes + (None,))
+        b = place_like(jnp.asarray(vals["b"], dtype), w, lay.batch_axes + (None,) + lay.out_axes)
+        if "m" in vals:
+            m = place_like(jnp.asarray(vals["m"], dtype), w, lay.batch_axes + lay.out_axes)
+            return DoRAWeight(w=w, a=a, b=b, m=m, method=method, layout=lay)
+        return LoRAWeight(w=w, a=a, b=b, method=method, layout=lay)
 
-    def fill(kp, x):
-        p = path_str(kp)
-        if not is_adapter(x) or p not in values:
-            return x
-        new = {f: jax.device_put(jnp.asarray(v, getattr(x, f).dtype), getattr(x, f).sharding)
-               for f, v in values[p].items()}
-        return x.replace(**new)
-
-    return jax.tree_util.tree_map_with_path(fill, tree, is_leaf=is_adapter)
+    rules = {re.escape(p): (targets[p], values[p]) for p in targets}
+    return rewrite(base_params, rules, build, is_leaf=is_adapter, floating=True)
 
 
 def _template_rules(rules: Any) -> list[tuple[re.Pattern, LoRA]]:
@@ -640,7 +642,7 @@ def _method(path: str, shape: tuple[int, ...], n_stacked: int, rules, *, dora: b
 
 
 def load_peft_adapter(path: str | os.PathLike, base_params: Any, *, module_names: Any,
-                      rules: Any = None, key: jax.Array | None = None) -> Any:
+                      rules: Any = None) -> Any:
     """Load a Hugging Face PEFT LoRA / DoRA adapter folder into ``base_params``.
 
     Reads ``path/adapter_config.json`` and ``path/adapter_model.safetensors`` (as written by
@@ -653,7 +655,6 @@ def load_peft_adapter(path: str | os.PathLike, base_params: Any, *, module_names
       module_names: a callable ``path -> name`` or rules ``{regex: template}`` (see the module
         docstring; :func:`llama_module_names` for effjax's Llama / SmolLM2).
       rules: optional layout / dtype templates, as in :func:`from_peft_state_dict`.
-      key: as in :func:`from_peft_state_dict`.
 
     Returns:
       The adapted tree.
@@ -663,7 +664,7 @@ def load_peft_adapter(path: str | os.PathLike, base_params: Any, *, module_names
         converted to safetensors first).
       ValueError, TypeError: as :func:`from_peft_state_dict`.
 
-    Example (a round trip; see :func:`save_peft_adapter`):
+    Example:
       >>> import jax, jax.numpy as jnp, tempfile, os
       >>> from effjax.peft import DoRA, inject
       >>> params = {'fc': {'kernel': jnp.ones((6, 4))}}
@@ -686,5 +687,5 @@ def load_peft_adapter(path: str | os.PathLike, base_params: Any, *, module_names
         config = json.load(f)
     tensors = st.load_file(files[1])
     return from_peft_state_dict(tensors, config, base_params, module_names=module_names,
-                                rules=rules, key=key)
+                                rules=rules)
 
