@@ -305,6 +305,31 @@ def test_export_patterns_and_round_trip(tmp_path):
         assert back["params"][name]["kernel"].method == tree["params"][name]["kernel"].method
 
 
+def test_import_shards_like_the_kernel_and_autocasts_bfloat16(tmp_path):
+    """Loaded factors are placed like their kernel (out axis sharded over 8 CPU devices: B's
+    out axis too, A replicated) and, over a bfloat16 kernel, kept in float32 as PEFT's
+    ``autocast_adapter_dtype``; the values are the file's."""
+    _peft_adapter("dora", tmp_path)
+    weights = _base_weights(_torch_mlp())
+    params = _linen_params(weights)
+    mesh = jax.make_mesh((8,), ("x",), axis_types=(jax.sharding.AxisType.Explicit,))
+    spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "x"))
+    params["params"]["l2"]["kernel"] = jax.device_put(params["params"]["l2"]["kernel"], spec)
+    params["params"]["l4"]["kernel"] = params["params"]["l4"]["kernel"].astype(jnp.bfloat16)
+    tree = load_peft_adapter(tmp_path, params, module_names=LINEN_NAMES)
+    node = tree["params"]["l2"]["kernel"]
+    assert node.b.sharding.spec == jax.sharding.PartitionSpec(None, "x")
+    assert node.m.sharding.spec == jax.sharding.PartitionSpec("x")
+    assert node.a.sharding.spec in (jax.sharding.PartitionSpec(), jax.sharding.PartitionSpec(
+        None, None))
+    bf = tree["params"]["l4"]["kernel"]
+    assert bf.w.dtype == jnp.bfloat16 and bf.a.dtype == bf.b.dtype == bf.m.dtype == jnp.float32
+    file = load_file(str(tmp_path / "adapter_model.safetensors"))
+    np.testing.assert_array_equal(np.asarray(bf.b), file["base_model.model.4.lora_B.weight"].T)
+    np.testing.assert_array_equal(np.asarray(node.m),
+                                  file["base_model.model.2.lora_magnitude_vector"])
+
+
 # --- bad inputs ---
 
 
