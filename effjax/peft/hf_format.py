@@ -523,6 +523,9 @@ def from_peft_state_dict(tensors: Mapping[str, Any], config: Mapping[str, Any],
                              f"axes and leave 2 axes (in, out)")
         names_at[p], shapes[p] = names, shape
         for idx in np.ndindex(*names.shape):
+            if names[idx] in where:
+                raise ValueError(f"module_names gives the name '{names[idx]}' to "
+                                 f"'{where[names[idx]][0]}' and '{p}'")
             where[names[idx]] = (p, idx)
     for name in modules:
         if name not in where:
@@ -570,9 +573,12 @@ def from_peft_state_dict(tensors: Mapping[str, Any], config: Mapping[str, Any],
             raise ValueError(f"'{p}' of shape {shape}: the layout's stacked axes "
                              f"{lay.batch_axes} (shape {lay.batch_shape}) do not match the "
                              f"module names' shape {names.shape}")
-        a = np.empty(lay.batch_shape + (lay.n_in, r), np.float32)
-        b = np.empty(lay.batch_shape + (r, lay.n_out), np.float32)
-        m = np.empty(lay.batch_shape + (lay.n_out,), np.float32)
+        # staged in float32 or the file's wider dtype; cast to the adapter dtype in build()
+        stage = np.result_type(np.float32, *(x.dtype for i in present
+                                             for x in modules[names[i]].values()))
+        a = np.empty(lay.batch_shape + (lay.n_in, r), stage)
+        b = np.empty(lay.batch_shape + (r, lay.n_out), stage)
+        m = np.empty(lay.batch_shape + (lay.n_out,), stage)
         for idx in present:
             name, parts = names[idx], modules[names[idx]]
             for kind, want in (("a", (r, lay.n_in)), ("b", (lay.n_out, r)),

@@ -379,6 +379,9 @@ def test_shape_mismatch_and_missing_module_are_named(tmp_path):
         from_peft_state_dict(load_file(str(tmp_path / "adapter_model.safetensors")),
                              {**config, "r": 2}, _linen_params(weights),
                              module_names=LINEN_NAMES)
+    with pytest.raises(ValueError, match=r"the name 'x' to 'params/l0/kernel' and "
+                                         r"'params/l2/kernel'"):
+        load_peft_adapter(tmp_path, _linen_params(weights), module_names=lambda p: "x")
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         load_peft_adapter(tmp_path / "nothing", bad, module_names=LINEN_NAMES)
 
