@@ -8,7 +8,14 @@
   param-tree rewriter :func:`fake_quantize_params` with ordered ``{regex: FakeQuant}`` rules.
 """
 
+from effjax.compress.bnb_format import (
+    from_bnb_state_dict,
+    load_bnb_checkpoint,
+    save_bnb_checkpoint,
+    to_bnb_state_dict,
+)
 from effjax.compress.fake_quant import FakeQuant, fake_quantize, fake_quantize_params
+from effjax.compress.loftq import loftq_init, lq_lora_allocate, lq_lora_decompose
 from effjax.compress.weight_quant import (
     FP4,
     NF4,
@@ -17,6 +24,7 @@ from effjax.compress.weight_quant import (
     QuantizedWeight,
     WeightFormat,
     bits_per_parameter,
+    dense_weight,
     is_quantized,
     materialize,
     quantization_report,
@@ -25,4 +33,5 @@ from effjax.compress.weight_quant import (
 
 __all__ = ["fake_quantize", "FakeQuant", "fake_quantize_params", "WeightFormat", "NF4", "FP4",
            "Int8", "Int4", "QuantizedWeight", "quantize_params", "materialize", "is_quantized",
-           "quantization_report", "bits_per_parameter"]
+           "quantization_report", "bits_per_parameter", "dense_weight"]
+__all__ += ["loftq_init", "lq_lora_decompose", "lq_lora_allocate"]
