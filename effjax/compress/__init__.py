@@ -15,7 +15,6 @@ from effjax.compress.bnb_format import (
     to_bnb_state_dict,
 )
 from effjax.compress.fake_quant import FakeQuant, fake_quantize, fake_quantize_params
-from effjax.compress.loftq import loftq_init, lq_lora_allocate, lq_lora_decompose
 from effjax.compress.weight_quant import (
     FP4,
     NF4,
@@ -24,7 +23,6 @@ from effjax.compress.weight_quant import (
     QuantizedWeight,
     WeightFormat,
     bits_per_parameter,
-    dense_weight,
     is_quantized,
     materialize,
     quantization_report,
@@ -33,5 +31,6 @@ from effjax.compress.weight_quant import (
 
 __all__ = ["fake_quantize", "FakeQuant", "fake_quantize_params", "WeightFormat", "NF4", "FP4",
            "Int8", "Int4", "QuantizedWeight", "quantize_params", "materialize", "is_quantized",
-           "quantization_report", "bits_per_parameter", "dense_weight"]
-__all__ += ["loftq_init", "lq_lora_decompose", "lq_lora_allocate"]
+           "quantization_report", "bits_per_parameter"]
+__all__ += ["to_bnb_state_dict", "from_bnb_state_dict", "save_bnb_checkpoint",
+            "load_bnb_checkpoint"]
