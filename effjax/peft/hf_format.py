@@ -68,10 +68,12 @@ import string
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from effjax._optional import import_optional
+from effjax.compress import is_quantized
 from effjax.peft.base import AdapterMethod, is_adapter
 from effjax.peft.dora import DoRA, DoRAWeight
 from effjax.peft.eva import EVA
@@ -506,7 +508,7 @@ def from_peft_state_dict(tensors: Mapping[str, Any], config: Mapping[str, Any],
 
     # which kernel (and slice) each module name is
     resolve = _resolver(module_names)
-    paths, leaves, _ = tree_paths(base_params, is_leaf=is_adapter)
+    paths, leaves, _ = tree_paths(base_params, is_leaf=_is_node)
     where: dict[str, tuple[str, tuple[int, ...]]] = {}
     names_at: dict[str, np.ndarray] = {}
     shapes: dict[str, tuple[int, ...]] = {}
@@ -605,15 +607,25 @@ def from_peft_state_dict(tensors: Mapping[str, Any], config: Mapping[str, Any],
         method, vals = target
         lay = method.layout(w.shape)
         dtype = method.adapter_dtype(w.dtype)
-        a = place_like(jnp.asarray(vals["a"], dtype), w, lay.batch_axes + lay.in_axes + (None,))
-        b = place_like(jnp.asarray(vals["b"], dtype), w, lay.batch_axes + (None,) + lay.out_axes)
+
+        def put(x: np.ndarray, dims: tuple[int | None, ...]) -> jax.Array:
+            x = jnp.asarray(x, dtype)  # a quantized base (QLoRA): default placement
+            return place_like(x, w, dims) if isinstance(w, jax.Array) else x
+
+        a = put(vals["a"], lay.batch_axes + lay.in_axes + (None,))
+        b = put(vals["b"], lay.batch_axes + (None,) + lay.out_axes)
         if "m" in vals:
-            m = place_like(jnp.asarray(vals["m"], dtype), w, lay.batch_axes + lay.out_axes)
+            m = put(vals["m"], lay.batch_axes + lay.out_axes)
             return DoRAWeight(w=w, a=a, b=b, m=m, method=method, layout=lay)
         return LoRAWeight(w=w, a=a, b=b, method=method, layout=lay)
 
     rules = {re.escape(p): (targets[p], values[p]) for p in targets}
-    return rewrite(base_params, rules, build, is_leaf=is_adapter, floating=True)
+    return rewrite(base_params, rules, build, is_leaf=_is_node, floating=True)
+
+
+def _is_node(x: Any) -> bool:
+    """Adapter nodes and quantized weights: the leaves a walk over base params stops at."""
+    return is_adapter(x) or is_quantized(x)
 
 
 def _template_rules(rules: Any) -> list[tuple[re.Pattern, LoRA]]:

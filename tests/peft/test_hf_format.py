@@ -330,6 +330,27 @@ def test_import_shards_like_the_kernel_and_autocasts_bfloat16(tmp_path):
                                   file["base_model.model.2.lora_magnitude_vector"])
 
 
+def test_import_over_a_quantized_base_keeps_it_quantized():
+    """QLoRA: a PEFT adapter loaded over an NF4 base (effjax.compress) wraps the quantized
+    weight itself (no dequantized copy) with the adapter's factors."""
+    from effjax.compress import NF4, quantize_params
+
+    rng = np.random.default_rng(0)
+    params = quantize_params({"fc": {"kernel": jnp.asarray(rng.standard_normal((64, 8)),
+                                                           jnp.float32)}},
+                             {"fc/kernel": NF4(block_size=64)})
+    tensors = {"base_model.model.fc.lora_A.weight": rng.standard_normal((2, 64), np.float32),
+               "base_model.model.fc.lora_B.weight": rng.standard_normal((8, 2), np.float32)}
+    tree = from_peft_state_dict(tensors, {"peft_type": "LORA", "r": 2, "lora_alpha": 4},
+                                params, module_names={"fc/kernel": "fc"})
+    node = tree["fc"]["kernel"]
+    assert type(node).__name__ == "LoRAWeight" and node.w is params["fc"]["kernel"]
+    assert node.scale == 2.0
+    for f, key in (("a", "lora_A"), ("b", "lora_B")):
+        np.testing.assert_array_equal(np.asarray(getattr(node, f)),
+                                      tensors[f"base_model.model.fc.{key}.weight"].T)
+
+
 # --- bad inputs ---
 
 
