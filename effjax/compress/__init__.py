@@ -15,6 +15,7 @@ from effjax.compress.bnb_format import (
     to_bnb_state_dict,
 )
 from effjax.compress.fake_quant import FakeQuant, fake_quantize, fake_quantize_params
+from effjax.compress.loftq import loftq_init, lq_lora_allocate, lq_lora_decompose
 from effjax.compress.weight_quant import (
     FP4,
     NF4,
@@ -34,3 +35,4 @@ __all__ = ["fake_quantize", "FakeQuant", "fake_quantize_params", "WeightFormat",
            "quantization_report", "bits_per_parameter"]
 __all__ += ["to_bnb_state_dict", "from_bnb_state_dict", "save_bnb_checkpoint",
             "load_bnb_checkpoint"]
+__all__ += ["loftq_init", "lq_lora_decompose", "lq_lora_allocate"]
