@@ -45,7 +45,9 @@ their input axes and over their output axes, which is how a ``torch.nn.Linear`` 
 flattened features sees them.
 
 Supported: LoRA (``kaiming`` / ``gaussian`` inits, and EVA, whose frozen kernel is the base
-kernel), rsLoRA, DoRA; per-module ranks and alphas (``rank_pattern`` / ``alpha_pattern``).
+kernel), rsLoRA, DoRA; per-module ranks and alphas (``rank_pattern`` / ``alpha_pattern``);
+QLoRA (an adapter over a quantized :class:`~effjax.compress.QuantizedWeight` base exports its
+factors like any other, and an import over quantized weights wraps them without a dense copy).
 Not supported, with an error naming the path or field: other adapter nodes; adapters whose
 frozen kernel is a residual (PiSSA, OLoRA, CorDA: PEFT would apply them to the original base
 weight); PEFT adapters of another ``peft_type``, with trained biases (``bias``, ``lora_bias``),
