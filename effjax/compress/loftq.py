@@ -289,6 +289,12 @@ def lq_lora_decompose(w: jax.Array, fmt: WeightFormat = _QLORA_NF4, *, rank: int
     return dataclasses.replace(node, dtype=jnp.dtype(w.dtype)), a, b, errors
 
 
+@jax.jit
+def _dequant_error(node: QuantizedWeight, w: jax.Array) -> jax.Array:
+    """:math:`\\lVert W - \\mathrm{dequant}(Q)\\rVert_F`."""
+    return jnp.linalg.norm((w - node.materialize()).ravel())
+
+
 def lq_lora_allocate(weights: Mapping[str, jax.Array], candidates: Sequence[WeightFormat], *,
                      budget_bits_per_param: float | None = None,
                      budget_bytes: float | None = None, rank: int | None = None,
@@ -372,17 +378,25 @@ def lq_lora_allocate(weights: Mapping[str, jax.Array], candidates: Sequence[Weig
         w32 = w.astype(jnp.promote_types(w.dtype, jnp.float32))
         reasons = []
         for j, fmt in enumerate(candidates):
-            try:  # a candidate that cannot store this kernel is left out for it
+            # a candidate that cannot store this kernel (layout, block or group length) is
+            # left out for it; a rank above the kernel's bound is the caller's error
+            try:
                 fmt.layout(w.shape)
-                node = _quant(w32, fmt)
             except ValueError as e:
                 reasons.append(f"{fmt}: {e}")
                 continue
-            if rank is None:
-                err = float(jnp.linalg.norm((w32 - node.materialize()).ravel()))
-            else:  # a rank above the kernel's bound is the caller's error: raised
-                node, _, _, errs = lq_lora_decompose(w32, fmt, rank=rank, iters=iters)
-                err = min(errs)
+            if rank is not None:
+                _checked(w32, fmt, rank, iters, f"weight {path!r}")
+            try:
+                if rank is None:  # quantize_params' compiled encoder, shared with its callers
+                    node = _quant(w32, fmt)
+                    err = float(_dequant_error(node, w32))
+                else:
+                    node, _, _, errs = lq_lora_decompose(w32, fmt, rank=rank, iters=iters)
+                    err = min(errs)
+            except ValueError as e:
+                reasons.append(f"{fmt}: {e}")
+                continue
             costs[i, j], sizes[i, j], ok[i, j] = err * err, node.nbytes, True
         if not ok[i].any():
             raise ValueError(f"weight {path!r} (shape {w.shape}): no candidate can store it: "

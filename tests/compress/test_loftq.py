@@ -13,6 +13,7 @@ import math
 
 import bitsandbytes
 import bitsandbytes.functional as bnbf
+import jax
 import jax.numpy as jnp
 import numpy as np
 import peft.utils.loftq_utils as peft_loftq_utils
@@ -31,6 +32,10 @@ from effjax.compress import (
 
 FMT = NF4(double_quant=False)  # PEFT's LoftQ: Params4bit(quant_type="nf4", no double quant)
 SHAPE = (64, 48)  # a Flax kernel (in, out): torch weight (48, 64), one NF4 block per row
+
+
+# one compiled program per (shape, format) instead of eager op-by-op dequantization
+_dense = jax.jit(lambda node: node.materialize())
 
 
 def _kernel(seed, shape=SHAPE, scale=1.0):
@@ -74,11 +79,11 @@ def test_loftq_equals_peft_loftq_init(peft_loftq, monkeypatch, iters):
     np.testing.assert_array_equal(np.asarray(q.codes).ravel(), packed.ravel())
     if iters == 1:  # Q_1 = quant(W): identical inputs, identical float32 scales and values
         np.testing.assert_array_equal(np.asarray(q.scales).ravel(), absmax)
-        np.testing.assert_array_equal(np.asarray(q.materialize()), q_ref.T)
+        np.testing.assert_array_equal(np.asarray(_dense(q)), q_ref.T)
     else:  # the residual W - L R went through another SVD and matmul (LAPACK via jnp vs
         # torch): its block maxima agree to float32 rounding, a few ulps
         np.testing.assert_allclose(np.asarray(q.scales).ravel(), absmax, rtol=1e-6)
-        np.testing.assert_allclose(np.asarray(q.materialize()), q_ref.T, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(_dense(q)), q_ref.T, rtol=1e-6, atol=1e-6)
     # the factors: a = lora_A.T, b = lora_B.T up to the sign of each singular pair
     a, b = np.asarray(a), np.asarray(b)
     sign = np.sign(np.sum(a * lora_a.T, axis=0))
@@ -92,12 +97,14 @@ def test_loftq_equals_peft_loftq_init(peft_loftq, monkeypatch, iters):
 
 def test_loftq_residual_is_below_the_quantization_error_and_shrinks_with_iters():
     w = jnp.asarray(_kernel(1))
-    q0 = quantize_params({"w": w}, {"w": FMT})["w"].materialize()
-    plain = float(jnp.linalg.norm(w - q0))
     errors = []
     for iters in (1, 2, 3, 5):
         q, a, b = loftq_init(w, FMT, rank=4, iters=iters)
-        errors.append(float(jnp.linalg.norm(w - q.materialize() - a @ b)))
+        if iters == 1:  # Q_1 = quant(W): the plain quantization error
+            np.testing.assert_array_equal(
+                np.asarray(q.codes), np.asarray(quantize_params({"w": w}, {"w": FMT})["w"].codes))
+            plain = float(jnp.linalg.norm(w - _dense(q)))
+        errors.append(float(jnp.linalg.norm(w - _dense(q) - a @ b)))
     assert errors[0] < 0.95 * plain
     assert all(e1 <= e0 for e0, e1 in zip(errors, errors[1:])), errors
     assert errors[-1] < errors[0]
@@ -131,7 +138,7 @@ def test_loftq_kernel_layouts_and_dtype():
     fmt = NF4(double_quant=False, batch_axes=(0,))  # (double quantization mixes the layers)
     q, a, b = loftq_init(w, fmt, rank=4)
     assert a.shape == (2, 64, 4) and b.shape == (2, 4, 48) and a.dtype == jnp.float32
-    assert q.materialize().dtype == jnp.bfloat16
+    assert _dense(q).dtype == jnp.bfloat16
     for i in range(2):  # each layer is its own LoftQ problem
         qi, ai, bi = loftq_init(w[i], FMT, rank=4)
         np.testing.assert_array_equal(np.asarray(q.codes[i * 48:(i + 1) * 48]),
@@ -172,10 +179,9 @@ def test_lq_lora_errors_equal_the_official_loop_and_stop_when_they_rise():
     assert errors[-1] > errors[-2]
     assert all(e1 <= e0 for e0, e1 in zip(errors[:-1], errors[1:-1]))
     # the best iterate is returned (the official code returns the one that rose)
-    err = float(jnp.linalg.norm(jnp.asarray(w) - q.materialize() - a @ b))
+    err = float(jnp.linalg.norm(jnp.asarray(w) - _dense(q) - a @ b))
     assert abs(err - min(errors)) < 1e-4 * err
-    assert min(errors) < float(jnp.linalg.norm(
-        jnp.asarray(w) - quantize_params({"w": jnp.asarray(w)}, {"w": FMT})["w"].materialize()))
+    assert min(errors) < math.sqrt(_bnb_cost(w, FMT)[0])  # below the plain quantization error
 
 
 def test_lq_lora_scale_and_iteration_cap():
@@ -194,43 +200,63 @@ CANDIDATES = [NF4(block_size=64, double_quant=True), NF4(block_size=32, double_q
 
 @pytest.fixture(scope="module")
 def three():
+    # one shape (one compiled program per format), three distributions: the errors differ
     return {"attn/q": _kernel(4),
-            "mlp/up": _kernel(5, (128, 32), scale=0.5),
-            "mlp/down": np.random.default_rng(6).standard_t(3, (64, 64)).astype(np.float32)}
+            "mlp/up": _kernel(5, scale=0.5),
+            "mlp/down": np.random.default_rng(6).standard_t(3, SHAPE).astype(np.float32)}
+
+
+def _bnb_cost(w, fmt):
+    """bitsandbytes' squared error and stored bytes for the torch weight ``w.T``."""
+    t = torch.from_numpy(np.ascontiguousarray(w.T))
+    if isinstance(fmt, Int8):
+        codes, stats, _ = bnbf.int8_vectorwise_quant(t)
+        deq, stored = bnbf.int8_vectorwise_dequant(codes, stats), [codes, stats]
+    else:
+        codes, state = bnbf.quantize_4bit(t, blocksize=fmt.block_size, quant_type=fmt.kind,
+                                          compress_statistics=fmt.double_quant)
+        deq, stored = bnbf.dequantize_4bit(codes, state), [codes, state.absmax]
+        if fmt.double_quant:
+            stored += [state.state2.absmax, state.offset]
+    nbytes = sum(x.numel() * x.element_size() for x in stored)
+    return float(np.linalg.norm(w.T - deq.numpy())) ** 2, nbytes
 
 
 def _brute_force(weights, candidates, budget, rank=None):
+    """The best feasible assignment by enumeration, and the table of (cost, bytes)."""
     table = {}
     for path, w in weights.items():
         for j, fmt in enumerate(candidates):
             if rank is None:
-                node = quantize_params({"w": jnp.asarray(w)}, {"w": fmt})["w"]
-                err = np.linalg.norm(w - np.asarray(node.materialize()))
+                table[path, j] = _bnb_cost(w, fmt)
             else:
                 node, _, _, errors = lq_lora_decompose(jnp.asarray(w), fmt, rank=rank, iters=4)
-                err = min(errors)
-            table[path, j] = (err ** 2, node.nbytes)
+                table[path, j] = (min(errors) ** 2, _bnb_cost(w, fmt)[1])
     best = None
     for choice in itertools.product(range(len(candidates)), repeat=len(weights)):
         cost = sum(table[p, j][0] for p, j in zip(weights, choice))
         size = sum(table[p, j][1] for p, j in zip(weights, choice))
         if size <= budget and (best is None or cost < best[0]):
             best = (cost, choice)
-    return {p: candidates[j] for p, j in zip(weights, best[1])}, table
+    return (best and {p: candidates[j] for p, j in zip(weights, best[1])}), table
 
 
 def test_allocation_equals_brute_force_and_respects_the_budget(three):
     n = sum(w.size for w in three.values())
-    sizes = [sum(quantize_params({"w": jnp.asarray(w)}, {"w": f})["w"].nbytes
-                 for w in three.values()) for f in CANDIDATES]
+    _, table = _brute_force(three, CANDIDATES, 0)
+    # the memory of each choice is the bytes bitsandbytes stores
+    for (path, j), (_, nbytes) in table.items():
+        assert quantize_params({"w": jnp.asarray(three[path])},
+                               {"w": CANDIDATES[j]})["w"].nbytes == nbytes, (path, j)
+    sizes = [sum(table[p, j][1] for p in three) for j in range(len(CANDIDATES))]
     lo, hi = min(sizes), max(sizes)
     for frac in (0.1, 0.5, 0.8):
         budget = lo + frac * (hi - lo)
         got = lq_lora_allocate(three, CANDIDATES, budget_bytes=budget)
-        want, table = _brute_force(three, CANDIDATES, budget)
+        want, _ = _brute_force(three, CANDIDATES, budget)
         assert got == want, frac
-        used = sum(table[p, CANDIDATES.index(f)][1] for p, f in got.items())
-        assert used <= budget
+        assert len(set(got.values())) > 1  # a mixed assignment, not a trivial one
+        assert sum(table[p, CANDIDATES.index(f)][1] for p, f in got.items()) <= budget
     # the same budget in bits per parameter
     bits = 8 * (lo + 0.5 * (hi - lo)) / n
     assert lq_lora_allocate(three, CANDIDATES, budget_bits_per_param=bits) == \
@@ -240,10 +266,9 @@ def test_allocation_equals_brute_force_and_respects_the_budget(three):
 
 
 def test_allocation_with_lq_lora_errors_equals_brute_force(three):
-    two = {k: three[k] for k in ("attn/q", "mlp/down")}
+    two = {k: three[k] for k in ("attn/q", "mlp/down")}  # the LQ-LoRA test's shape
     cands = [NF4(double_quant=False), Int8()]
-    budget = 0.5 * sum(quantize_params({"w": jnp.asarray(w)}, {"w": f})["w"].nbytes
-                       for w in two.values() for f in cands)
+    budget = 0.5 * sum(_bnb_cost(w, f)[1] for w in two.values() for f in cands)
     got = lq_lora_allocate(two, cands, budget_bytes=budget, rank=4, iters=4)
     assert got == _brute_force(two, cands, budget, rank=4)[0]
 
@@ -259,8 +284,8 @@ def test_allocation_gives_more_bits_to_the_larger_error():
 
 
 def test_allocation_leaves_out_formats_a_matrix_cannot_take():
-    weights = {"wide": _kernel(8, (128, 16)), "narrow": _kernel(9, (32, 16))}  # K = 128, 32
-    cands = [NF4(block_size=64, double_quant=False), Int8()]
+    weights = {"wide": _kernel(8), "narrow": _kernel(9, (32, 16))}  # K = 64, 32
+    cands = [CANDIDATES[0], Int8()]
     got = lq_lora_allocate(weights, cands, budget_bits_per_param=7.0)
     assert got["narrow"] == Int8()  # a block of 64 does not fit K = 32
     assert got["wide"] == cands[0]
