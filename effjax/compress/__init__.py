@@ -24,6 +24,7 @@ from effjax.compress.weight_quant import (
     QuantizedWeight,
     WeightFormat,
     bits_per_parameter,
+    dense_weight,
     is_quantized,
     materialize,
     quantization_report,
@@ -32,7 +33,7 @@ from effjax.compress.weight_quant import (
 
 __all__ = ["fake_quantize", "FakeQuant", "fake_quantize_params", "WeightFormat", "NF4", "FP4",
            "Int8", "Int4", "QuantizedWeight", "quantize_params", "materialize", "is_quantized",
-           "quantization_report", "bits_per_parameter"]
+           "quantization_report", "bits_per_parameter", "dense_weight"]
 __all__ += ["to_bnb_state_dict", "from_bnb_state_dict", "save_bnb_checkpoint",
             "load_bnb_checkpoint"]
 __all__ += ["loftq_init", "lq_lora_decompose", "lq_lora_allocate"]

@@ -52,7 +52,8 @@ from effjax.quant.kernel_layout import KernelLayout, axes_field
 from effjax.selection import rewrite, tree_paths
 
 __all__ = ["WeightFormat", "NF4", "FP4", "Int8", "Int4", "QuantizedWeight", "quantize_params",
-           "materialize", "is_quantized", "quantization_report", "bits_per_parameter"]
+           "materialize", "is_quantized", "dense_weight", "quantization_report",
+           "bits_per_parameter"]
 
 _SCALE_DTYPES = ("float32", "float16", "bfloat16")
 
@@ -199,6 +200,10 @@ class QuantizedWeight:
         return math.prod(self.shape)
 
     @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
     def nbytes(self) -> int:
         """Bytes of every stored array."""
         return sum(int(a.size) * a.dtype.itemsize for a in jax.tree.leaves(self))
@@ -324,6 +329,19 @@ def quantize_params(params: Any, rules: Any) -> Any:
 def is_quantized(x: Any) -> bool:
     """True for :class:`QuantizedWeight` nodes (an ``is_leaf`` predicate)."""
     return isinstance(x, QuantizedWeight)
+
+
+def dense_weight(x: Any) -> Any:
+    """``x.materialize()`` for a :class:`QuantizedWeight`, ``x`` itself otherwise (what an
+    adapter node uses as its dense base).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> q = quantize_params({'w': jnp.ones((64, 2))}, {'w': Int8()})['w']
+      >>> dense_weight(q).shape, dense_weight(jnp.ones(3)).shape
+      ((64, 2), (3,))
+    """
+    return x.materialize() if is_quantized(x) else x
 
 
 def materialize(tree: Any) -> Any:

@@ -73,12 +73,15 @@ from flax import errors as flax_errors
 from flax import nnx
 from jax import lax
 
+from effjax.compress import is_quantized
 from effjax.nn._lowrank import (
     adapted_dot_general,
     adapted_einsum,
+    dot_general_specs,
     has_low_rank_factors,
     parse_einsum,
 )
+from effjax.nn._quantized import quantized_einsum
 from effjax.selection import no_selection_message, path_str, selector
 
 __all__ = ["LayerCall", "Hook", "contract", "intercept", "linen_intercept", "layer_hooks",
@@ -99,9 +102,10 @@ def is_structured(kernel: Any) -> bool:
 
 
 def _frozen_w(node: Any) -> Any:
-    """The node's frozen dense ``w`` (the original kernel), None if it has none."""
+    """The node's frozen dense ``w`` (the original kernel), None if it has none (or if it is
+    quantized: QLoRA's base is never densified for promotion)."""
     w = getattr(node, "w", None)
-    return w if hasattr(w, "shape") and hasattr(w, "dtype") else None
+    return w if isinstance(w, (jax.Array, np.ndarray)) else None
 
 
 def _dense_aval(node: Any) -> tuple[tuple[int, ...], Any]:
@@ -121,7 +125,9 @@ def _stand_in(node: Any) -> jax.Array:
 def _with_promoted(node: Any, promoted: jax.Array) -> Any:
     """The node the contraction sees: LoRA-family nodes carry the promoted ``w`` (the fast
     path's main term); other nodes are kept as stored (:func:`contract` materializes them)."""
-    return node.replace(w=promoted) if has_low_rank_factors(node) else node
+    if has_low_rank_factors(node) and not is_quantized(node.w):
+        return node.replace(w=promoted)
+    return node
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
@@ -205,6 +211,14 @@ def contract(call: LayerCall) -> jax.Array:
       ((2, 4), (1,))
     """
     kernel, kw = call.kernel, dict(call.op_kwargs)
+    if is_quantized(kernel):  # a frozen quantized kernel: no dense copy kept for backward
+        if call.einsum_str is not None:
+            specs = parse_einsum(call.einsum_str, jnp.ndim(call.inputs), kernel.ndim)
+        else:
+            specs = dot_general_specs(jnp.ndim(call.inputs), kernel.ndim,
+                                       call.dimension_numbers)
+        dt = call.dtype if call.dtype is not None else jnp.result_type(call.inputs)
+        return quantized_einsum(*specs, call.inputs, kernel, dtype=dt, precision=call.precision)
     if is_structured(kernel) and not has_low_rank_factors(kernel):
         kernel = jnp.asarray(kernel.materialize(), jnp.result_type(call.inputs))
     if not is_structured(kernel):

@@ -87,6 +87,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from effjax.compress import dense_weight, is_quantized
 from effjax.peft._checks import (
     SizeLimit,
     adapter_dtype,
@@ -105,10 +106,14 @@ __all__ = ["AdapterMethod", "KernelAdapter", "AdapterNode", "adapter_node", "is_
 def _checked_adapt(adapt):
     """``adapt`` with its leaf checked first: a floating array, converted to a ``jax.Array``;
     for a :class:`KernelAdapter`, not zero-size and within the config's
-    :meth:`~KernelAdapter.size_limits` (checked before anything is allocated)."""
+    :meth:`~KernelAdapter.size_limits` (checked before anything is allocated). A quantized
+    base (:class:`~effjax.compress.QuantizedWeight`) is adapted through its dequantized copy
+    and kept quantized in the node (:func:`_adapt_quantized`)."""
 
     @functools.wraps(adapt)
     def checked(self, key, w, *args, **kwargs):
+        if is_quantized(w):
+            return _adapt_quantized(self, checked, key, w, *args, **kwargs)
         w = as_float_kernel(w, self.name)
         if isinstance(self, KernelAdapter):
             lay = self.layout(w.shape)
@@ -118,6 +123,22 @@ def _checked_adapt(adapt):
 
     checked._checks_kernel = True
     return checked
+
+
+def _adapt_quantized(method, checked, key, qw, *args, **kwargs):
+    """QLoRA: the node ``method`` builds for the dequantized base, with the quantized base in
+    its frozen ``w``. Methods that change the base (PiSSA, OLoRA, ...) or train it cannot keep
+    a quantized base: ``TypeError`` saying what to do instead."""
+    dense = qw.materialize()
+    node = checked(method, key, dense, *args, **kwargs)
+    trains = "w" in getattr(node, "trainable_fields", ())
+    if trains or getattr(node, "w", None) is not dense:
+        raise TypeError(
+            f"{method.name} {'trains' if trains else 'rewrites'} the base weight, which stays "
+            f"frozen in a quantized base ({qw.format}): adapt a "
+            f"float base, use a method that keeps W (LoRA, DoRA, VeRA, ...), or start from "
+            f"effjax.compress.loftq_init for a quantization-aware init")
+    return node.replace(w=qw)
 
 
 def _config_repr(self) -> str:
@@ -287,7 +308,7 @@ class AdapterNode:
         """``w + delta()`` in the promoted dtype, cast to ``w``'s dtype (for nodes with a
         frozen ``w``; :func:`jit_dense` compiles it)."""
         d = self.delta()
-        return (self.w.astype(d.dtype) + d).astype(self.w.dtype)
+        return (dense_weight(self.w).astype(d.dtype) + d).astype(self.w.dtype)
 
     def replace(self, **changes: Any) -> AdapterNode:
         """A copy with some fields replaced (``dataclasses.replace``)."""

@@ -54,6 +54,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
+from effjax.compress import dense_weight
 from effjax.peft._checks import check_bool
 from effjax.peft.base import AdapterNode, adapter_node, register_adapter
 from effjax.peft.layout import KernelLayout, place_like
@@ -171,7 +172,7 @@ class DoRAWeight(AdapterNode):
     def weight_norm(self) -> jax.Array:
         """:math:`\\lVert W + s\\,AB \\rVert_c`, shape ``(*batch, *out)`` (not detached)."""
         lay = self.layout
-        n = _column_norm(self.w, self.a, self.b, lay, self.scale)
+        n = _column_norm(dense_weight(self.w), self.a, self.b, lay, self.scale)
         return n.reshape(lay.batch_shape + lay.out_shape)
 
     def materialize(self) -> jax.Array:
@@ -179,7 +180,7 @@ class DoRAWeight(AdapterNode):
         (the norm under ``stop_gradient`` when ``method.detach_norm``)."""
         lay = self.layout
         dtype = jnp.promote_types(jnp.promote_types(self.w.dtype, self.a.dtype), self.m.dtype)
-        v = _direction(self.w, self.a, self.b, lay, self.scale, dtype)
+        v = _direction(dense_weight(self.w), self.a, self.b, lay, self.scale, dtype)
         norm = jnp.sqrt(jnp.sum(jnp.square(v), axis=-2))
         if self.method.detach_norm:
             norm = jax.lax.stop_gradient(norm)

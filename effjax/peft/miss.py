@@ -74,6 +74,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
+from effjax.compress import dense_weight
 from effjax.peft._checks import check_int, check_rank
 from effjax.peft.base import AdapterNode, KernelAdapter, adapter_node, register_adapter
 from effjax.peft.layout import KernelLayout, place_like
@@ -232,7 +233,7 @@ class MiSSWeight(AdapterNode):
     def _bat(self, ct) -> jax.Array:
         """bat: :math:`W_{ca} + b_a (W_{ca} + I)` as ``(*batch, n_in, n_out)``."""
         lay, r = self.layout, self.method.rank
-        m = lay.to_matrix(self.w).astype(ct)
+        m = lay.to_matrix(dense_weight(self.w)).astype(ct)
         nb = lay.batch_shape
         blocks = m.reshape(nb + (lay.n_in // r, r, lay.n_out // r, r))  # (..., c, s, a, p)
         b = self.block.astype(ct)  # (..., a, q, s)
@@ -247,4 +248,4 @@ class MiSSWeight(AdapterNode):
         if self.method.variant == "bat":
             return self.layout.from_matrix(self._bat(ct)).astype(self.w.dtype)
         d = self.layout.from_matrix(self._tiled(ct))
-        return (self.w.astype(ct) + d).astype(self.w.dtype)
+        return (dense_weight(self.w).astype(ct) + d).astype(self.w.dtype)

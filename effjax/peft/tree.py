@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from effjax.compress import is_quantized
 from effjax.peft._checks import short_repr
 from effjax.peft.base import AdapterNode, is_adapter
 from effjax.peft.rules import compile_rules
@@ -55,8 +56,13 @@ def leaf_key(key: jax.Array, path: str) -> jax.Array:
     return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
 
 
+def _is_node(x: Any) -> bool:
+    """Adapter nodes and quantized weights: the structured leaves a tree walk stops at."""
+    return is_adapter(x) or is_quantized(x)
+
+
 def _flatten(tree: Any):
-    return tree_paths(tree, is_leaf=is_adapter)
+    return tree_paths(tree, is_leaf=_is_node)
 
 
 def _check_not_module(params: Any) -> None:
@@ -150,11 +156,12 @@ def inject(params: Any, rules: Any, *, key: jax.Array,
 
     _check_not_module(params)
     _check_key(key)
-    return rewrite(params, compile_rules(rules), adapt, is_leaf=is_adapter)
+    return rewrite(params, compile_rules(rules), adapt, is_leaf=_is_node)
 
 
 def materialize(tree: Any) -> Any:
-    """Every adapter node replaced by its dense weight (``node.materialize()``).
+    """Every adapter node replaced by its dense weight (``node.materialize()``), and every
+    quantized weight (:class:`~effjax.compress.QuantizedWeight`) by its dequantized kernel.
 
     The result has the structure of the original params, so any model code runs unchanged:
     ``model.apply({'params': materialize(tree)}, x)`` or
@@ -169,8 +176,8 @@ def materialize(tree: Any) -> Any:
       Array([[1., 6.],
              [0., 1.]], dtype=float32)
     """
-    return jax.tree.map(lambda x: x.materialize() if is_adapter(x) else x, tree,
-                        is_leaf=is_adapter)
+    return jax.tree.map(lambda x: x.materialize() if _is_node(x) else x, tree,
+                        is_leaf=_is_node)
 
 
 def merge(tree: Any) -> Any:
