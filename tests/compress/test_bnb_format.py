@@ -39,6 +39,9 @@ CASES = [("nf4", True, 100, 7, 64, torch.float32), ("nf4", False, 100, 7, 64, to
          ("nf4", True, 128, 32, 32, torch.bfloat16)]
 IDS = ["nf4-dq-odd", "nf4-odd", "fp4-dq-odd", "fp4-odd", "nf4-dq-bf16"]
 _FMT = {"nf4": NF4, "fp4": FP4}
+# Exact comparisons with bitsandbytes use eager ``materialize``: under jit, XLA:CPU contracts
+# double quantization's ``dyn[c] * nested_absmax + offset`` into one FMA, 1 ulp off
+# bitsandbytes' scale for some blocks (reported; effjax.quant.weights.double_dequantize).
 
 
 def _torch_weight(n_in, n_out, dtype, seed):
@@ -114,7 +117,7 @@ def test_read_equals_bitsandbytes_bytes_and_dequantization(case):
 
 
 def test_quantize_params_of_the_float_kernel_gives_the_same_bytes(case):
-    sd, node = case["sd"], case["node"]
+    node = case["node"]
     kernel = jnp.asarray(case["w"].float().numpy().T).astype(node.dtype)
     fmt = _FMT[case["kind"]](block_size=case["block"], double_quant=case["dq"])
     ours = quantize_params({"k": kernel}, {"k": fmt})["k"]
@@ -160,8 +163,8 @@ def test_written_weight_runs_in_bitsandbytes_linear4bit(case):
     """effjax's quantization of a kernel, written with ``to_bnb_state_dict`` and loaded by
     ``Params4bit.from_prequantized`` (transformers' path), gives ``x @ materialize + b``."""
     n_in, n_out, dtype = case["n_in"], case["n_out"], case["dtype"]
-    kernel = jax.random.normal(jax.random.key(7), (n_in, n_out)).astype(
-        str(dtype).removeprefix("torch."))
+    kernel = jnp.asarray(np.random.default_rng(7).standard_normal((n_in, n_out)),
+                         str(dtype).removeprefix("torch."))
     fmt = _FMT[case["kind"]](block_size=case["block"], double_quant=case["dq"])
     node = quantize_params({"k": kernel}, {"k": fmt})["k"]
     sd = {k: torch.from_numpy(v.copy()) for k, v in to_bnb_state_dict(node, "").items()}
@@ -176,7 +179,7 @@ def test_written_weight_runs_in_bitsandbytes_linear4bit(case):
     np.testing.assert_array_equal(deq.T, w)
     # bnb's matmul dequantizes to the input's dtype (float32), not to the weight's bfloat16:
     # compare with the float32 dequantization (table value times block scale)
-    w = np.asarray(node.row_view(jnp.float32)).T
+    w = w if dtype == torch.float32 else np.asarray(node.row_view(jnp.float32)).T
     x = np.random.default_rng(3).standard_normal((5, n_in)).astype(np.float32)
     expect = x @ w + case["b"].float().numpy()
     scale = np.abs(x) @ np.abs(w)
@@ -200,13 +203,16 @@ def test_written_weight_runs_in_bitsandbytes_linear4bit(case):
 
 
 def _tree():
-    k = jax.random.split(jax.random.key(0), 5)
-    params = {"dense_0": {"kernel": jax.random.normal(k[0], (100, 7)),
-                          "bias": jax.random.normal(k[1], (7,))},
-              "dense_1": {"kernel": jax.random.normal(k[2], (64, 32)).astype(jnp.bfloat16)},
-              "head": {"kernel": jax.random.normal(k[3], (7, 5))},
-              "norm": {"scale": jnp.linspace(0.5, 1.5, 7)},
-              "embed": {"embedding": jax.random.normal(k[4], (11, 100))}}
+    rng = np.random.default_rng(0)
+
+    def normal(*shape, dtype=np.float32):
+        return jnp.asarray(rng.standard_normal(shape), dtype)
+
+    params = {"dense_0": {"kernel": normal(100, 7), "bias": normal(7)},
+              "dense_1": {"kernel": normal(64, 32, dtype=jnp.bfloat16)},
+              "head": {"kernel": normal(7, 5)},
+              "norm": {"scale": jnp.asarray(np.linspace(0.5, 1.5, 7), jnp.float32)},
+              "embed": {"embedding": normal(11, 100)}}
     rules = {"dense_0/kernel": NF4(block_size=64, double_quant=True),
              "dense_1/kernel": FP4(block_size=32, double_quant=False)}
     return params, quantize_params(params, rules)
@@ -248,21 +254,18 @@ def test_tree_round_trips_through_safetensors(tmp_path):
         return {"head": "lm_head", "norm": "norm", "embed": "model.embed_tokens"}[first] \
             if last in ("kernel", "scale", "embedding") else None
     _assert_trees_equal(load_bnb_checkpoint(f, q, names), q)
-    # the file's layer 0 runs in bitsandbytes: its Linear4bit forward equals ours
+    # the file's layer 0 is what to_bnb_state_dict writes, and bitsandbytes loads it
+    node = q["dense_0"]["kernel"]
+    for k, v in to_bnb_state_dict(node, "model.layers.0.").items():
+        assert raw[k].dtype == v.dtype
+        np.testing.assert_array_equal(raw[k], v, err_msg=k)
     import safetensors.torch as stt
     tsd = stt.load_file(str(f))
-    lin = bnb.nn.Linear4bit(100, 7, bias=True, quant_type="nf4")
     qs = {k.removeprefix("model.layers.0.weight."): v for k, v in tsd.items()
           if k.startswith("model.layers.0.weight.")}
-    lin.weight = bnb.nn.Params4bit.from_prequantized(tsd["model.layers.0.weight"], qs,
-                                                     device="cpu", module=lin)
-    lin.bias = torch.nn.Parameter(tsd["model.layers.0.bias"], requires_grad=False)
-    x = np.ones((1, 100), np.float32)
-    with torch.no_grad():
-        y = lin(torch.from_numpy(x)).numpy()
-    dense = materialize(q)
-    expect = x @ np.asarray(dense["dense_0"]["kernel"]) + np.asarray(params["dense_0"]["bias"])
-    np.testing.assert_allclose(y, expect, rtol=1e-5, atol=1e-5)  # 100-term float32 sums
+    weight = bnb.nn.Params4bit.from_prequantized(tsd["model.layers.0.weight"], qs, device="cpu")
+    assert weight.quant_state.shape == (7, 100) and weight.quant_type == "nf4"
+    assert weight.quant_state.offset.item() == float(node.scales_offset)
 
 
 def test_mismatches_name_the_key_or_leaf(tmp_path):
