@@ -154,10 +154,11 @@ def loftq_init(w: jax.Array, fmt: WeightFormat = _QLORA_NF4, *, rank: int, iters
        R_t = W - L_t R'_t,
 
     which is PEFT's ``loftq_init(weight, num_bits, reduced_rank, num_iter)`` step by step
-    (exact SVD; ``fmt=NF4(double_quant=False)`` is its ``num_bits=4``, ``Int8()`` its
-    ``num_bits=8``). The result is :math:`Q_T` and :math:`A = R'^T_T / \\sqrt s`,
-    :math:`B = L^T_T / \\sqrt s`, so that :math:`Q_T + s\\,AB = Q_T + L_T R'_T` for any LoRA
-    scale :math:`s`.
+    (exact SVD; ``fmt=NF4(double_quant=False)`` is its ``num_bits=4``, the same bytes; its
+    ``num_bits=8`` quantizes the float16 cast of the residual (bitsandbytes' ``Int8Params``),
+    :class:`~effjax.compress.Int8` the float32 values). The result is :math:`Q_T` and
+    :math:`A = R'^T_T / \\sqrt s`, :math:`B = L^T_T / \\sqrt s`, so that
+    :math:`Q_T + s\\,AB = Q_T + L_T R'_T` for any LoRA scale :math:`s`.
 
     **alpha != rank.** PEFT computes the factors for a scale of 1 and stores them as they
     are, so with ``lora_alpha != r`` its model starts from :math:`Q + (\\alpha/r) L R'`,
@@ -201,7 +202,7 @@ def loftq_init(w: jax.Array, fmt: WeightFormat = _QLORA_NF4, *, rank: int, iters
     scale = _scale(rank, alpha, rslora)
     ct = jnp.promote_types(w.dtype, jnp.float32)
     w32 = res = w.astype(ct)
-    for _ in range(int(iters)):  # PEFT does not use the last residual: neither does this
+    for _ in range(int(iters)):  # (the last residual is not used, as in PEFT)
         node, left, right, res = _loftq_step(w32, res, fmt, int(rank))
     a, b = _to_ab(left, right, lay, int(rank), scale)
     return dataclasses.replace(node, dtype=jnp.dtype(w.dtype)), a, b
@@ -241,7 +242,8 @@ def lq_lora_decompose(w: jax.Array, fmt: WeightFormat = _QLORA_NF4, *, rank: int
     factors; the exact one is deterministic and no slower at LoRA sizes). The official code
     returns the iterate whose error rose (a TODO in it says so); effjax returns the best
     iterate, :math:`e_{t-1}`. Factors as in :func:`loftq_init`: :math:`A = L_2^T/\\sqrt s`,
-    :math:`B = L_1^T/\\sqrt s`.
+    :math:`B = L_1^T/\\sqrt s`. Runs eagerly (the stop depends on the values), one compiled
+    program per (shape, format, rank) for all iterations.
 
     Args:
       w: a floating kernel; its layout (in, out and batch axes) is ``fmt``'s.
