@@ -52,8 +52,8 @@ from effjax.quant.kernel_layout import KernelLayout, axes_field
 from effjax.selection import rewrite, tree_paths
 
 __all__ = ["WeightFormat", "NF4", "FP4", "Int8", "Int4", "QuantizedWeight", "quantize_params",
-           "materialize", "is_quantized", "dense_weight", "quantization_report",
-           "bits_per_parameter"]
+           "materialize", "is_quantized", "dense_weight", "quantize_weight",
+           "quantization_report", "bits_per_parameter"]
 
 _SCALE_DTYPES = ("float32", "float16", "bfloat16")
 
@@ -245,6 +245,24 @@ def from_row_view(m: jax.Array, lay: KernelLayout) -> jax.Array:
     perm = lay.batch_axes + lay.out_axes + lay.in_axes
     m = m.reshape(lay.batch_shape + lay.out_shape + lay.in_shape)
     return jnp.transpose(m, tuple(int(i) for i in np.argsort(perm)))
+
+
+def quantize_weight(w: jax.Array, fmt: WeightFormat) -> QuantizedWeight:
+    """One kernel quantized in ``fmt`` (what :func:`quantize_params` does to each targeted
+    leaf; errors name the shape, not a path).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> quantize_weight(jnp.ones((64, 3)), NF4()).codes.shape
+      (3, 32)
+    """
+    if not isinstance(fmt, WeightFormat):
+        raise TypeError(f"fmt must be a WeightFormat (NF4(), FP4(), Int8(), Int4()), got "
+                        f"{type(fmt).__name__}")
+    w = jnp.asarray(w)
+    if not jnp.issubdtype(w.dtype, jnp.floating):
+        raise TypeError(f"quantize_weight needs a floating kernel, got dtype {w.dtype}")
+    return _quantize(w, fmt)
 
 
 def _quantize(w: jax.Array, fmt: WeightFormat) -> QuantizedWeight:

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from effjax.compress import is_quantized
+from effjax.compress import is_quantized, quantize_weight
 from effjax.peft._checks import short_repr
 from effjax.peft.base import AdapterNode, is_adapter
 from effjax.peft.rules import compile_rules
@@ -180,15 +180,37 @@ def materialize(tree: Any) -> Any:
                         is_leaf=_is_node)
 
 
-def merge(tree: Any) -> Any:
+_MERGE_MODES = ("dequantize", "requantize", "keep")
+
+
+def merge(tree: Any, *, quantized: str = "dequantize", dtype: Any = None) -> Any:
     """Plain params with the adapters folded in, for export or inference.
 
-    The export function: every adapter node becomes a dense array of the original leaf's shape
-    and dtype (for LoRA :math:`W + s\\,AB` cast to ``w``'s dtype), every other leaf is kept.
-    For the float bases of today's methods that is exactly :func:`materialize` (no
-    ``stop_gradient``: still differentiable). Its own job comes with quantized bases (the next
-    issue): there ``merge`` folds an adapter into its quantized base, where ``materialize``
-    keeps returning the dense weight for training.
+    Every adapter node over a float base becomes a dense array of the original leaf's shape
+    and dtype (for LoRA :math:`W + s\\,AB` cast to ``w``'s dtype, no ``stop_gradient``). For a
+    quantized base (QLoRA: a :class:`~effjax.compress.QuantizedWeight` in the node's ``w``)
+    ``quantized`` picks one of three ways, each with its error:
+
+    * ``"dequantize"`` (default, the recommended export): :math:`\\mathrm{deq}(W_q) + s\\,AB`
+      as a dense array in ``dtype`` (default: the base's original dtype, e.g. bfloat16). The
+      model computes exactly what it computed during training (up to the export dtype's
+      rounding); bare quantized leaves are dequantized too.
+    * ``"requantize"``: that sum quantized again in the base's format
+      (:func:`~effjax.compress.quantize_weight`), what PEFT's ``Linear4bit.merge`` does
+      (dequantize, add, requantize). The merged weights are as small as the base, but each
+      element moves to its format's nearest code: the adapter's update is rounded away where
+      it is smaller than half a code step, and the model drifts from the trained one
+      (``tests/peft/test_qlora.py`` measures it). Bare quantized leaves are kept.
+    * ``"keep"``: nodes over quantized bases are kept (base and adapters separate: exact, as
+      small as training, and the layers run them without densifying).
+
+    Args:
+      tree: an injected tree.
+      quantized: ``"dequantize"``, ``"requantize"`` or ``"keep"`` (see above).
+      dtype: the dense dtype of ``"dequantize"`` (None: each base's original dtype).
+
+    Returns:
+      The merged tree.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -200,7 +222,25 @@ def merge(tree: Any) -> Any:
       Array([[1, 6],
              [0, 1]], dtype=bfloat16)
     """
-    return materialize(tree)
+    if quantized not in _MERGE_MODES:
+        raise ValueError(f"merge(quantized=...) must be one of {_MERGE_MODES}, got {quantized!r}")
+
+    def fold(x):
+        if is_quantized(x):
+            return x.materialize().astype(dtype or x.dtype) if quantized == "dequantize" else x
+        if not is_adapter(x):
+            return x
+        base = getattr(x, "w", None)
+        if not is_quantized(base):
+            return x.materialize()
+        if quantized == "keep":
+            return x
+        dense = x.materialize()  # deq(W_q) + delta in the base's dtype
+        if quantized == "requantize":
+            return quantize_weight(dense, base.format)
+        return dense.astype(dtype or base.dtype)
+
+    return jax.tree.map(fold, tree, is_leaf=_is_node)
 
 
 def _node_map(node: AdapterNode, fn_trainable, fn_frozen) -> AdapterNode:

@@ -186,3 +186,40 @@ def test_dora_over_quantized_base_in_layers():
         y = nn.Dense(16, use_bias=False).apply({"params": tree}, x)
     np.testing.assert_allclose(np.asarray(y), np.asarray(x @ tree["kernel"].materialize()),
                                rtol=1e-5)
+
+
+@pytest.mark.peer
+def test_merge_three_ways():
+    import bitsandbytes.functional as bnbf
+    import torch
+
+    from effjax.peft import merge
+    w = (jax.random.normal(jax.random.key(0), (128, 48)) / 8).astype(jnp.bfloat16)
+    fmt = NF4(block_size=64, double_quant=False)
+    tree = inject(quantize_params({"k": w, "v": w}, {"k": fmt, "v": fmt}),
+                  {"k": LoRA(rank=4, alpha=8.0, init="gaussian")}, key=jax.random.key(1))
+    node = tree["k"].replace(b=0.01 * jax.random.normal(jax.random.key(2), (4, 48)))
+    tree = {"k": node, "v": tree["v"]}
+    s = 8.0 / 4
+    deq = node.w.materialize().astype(jnp.float32)
+    exact = (deq + s * node.a @ node.b).astype(jnp.bfloat16)  # the trained model's weight
+    dense = merge(tree)
+    assert dense["k"].dtype == jnp.bfloat16 and dense["v"].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(dense["k"], np.float32), np.asarray(exact, np.float32))
+    np.testing.assert_array_equal(np.asarray(dense["v"]), np.asarray(tree["v"].materialize()))
+    kept = merge(tree, quantized="keep")
+    assert kept["k"] is tree["k"] and kept["v"] is tree["v"]
+    req = merge(tree, quantized="requantize")
+    assert isinstance(req["k"], QuantizedWeight) and req["v"] is tree["v"]
+    # PEFT's Linear4bit.merge: bitsandbytes quantize_4bit of the merged torch weight W.T
+    merged_t = torch.from_numpy(np.asarray(exact, np.float32).T.copy()).to(torch.bfloat16)
+    packed, _ = bnbf.quantize_4bit(merged_t, blocksize=64, quant_type="nf4")
+    np.testing.assert_array_equal(np.asarray(req["k"].codes).ravel(), packed.numpy().ravel())
+    # the drift requantization costs: the merged weight moves by a good part of the update
+    update = float(jnp.linalg.norm(exact.astype(jnp.float32) - deq))
+    drift = float(jnp.linalg.norm(req["k"].materialize().astype(jnp.float32)
+                                  - exact.astype(jnp.float32)))
+    print(f"\nrequantize drift {drift:.4f} vs adapter update {update:.4f}")
+    assert 0.05 * update < drift < 2 * update
+    with pytest.raises(ValueError, match="merge\\(quantized=...\\) must be one of"):
+        merge(tree, quantized="bf16")
