@@ -92,8 +92,8 @@ def _nested_map() -> np.ndarray:
     return np.asarray(dynamic_codebook(signed=True), np.float32)
 
 
-def _torch_shape(node_or_layout) -> tuple[int, int]:
-    lay = node_or_layout
+def _torch_shape(lay) -> tuple[int, int]:
+    """The torch weight ``[n_out, n_in]`` of a kernel layout (its row view)."""
     return (lay.n_batch * lay.n_out, lay.n_in)
 
 
@@ -174,7 +174,8 @@ def from_bnb_state_dict(sd: Mapping[str, Any], prefix: str = "", *, shape, dtype
     """A :class:`~effjax.compress.QuantizedWeight` from bitsandbytes' ``Linear4bit`` entries.
 
     The inverse of :func:`to_bnb_state_dict`: reads ``{prefix}weight`` and its packed JSON
-    quant state without dequantizing. The checkpoint's torch
+    quant state without dequantizing (a weight kept in another dtype, bitsandbytes'
+    ``quant_storage`` such as float16 for FSDP, is read as its bytes). The checkpoint's torch
     weight shape ``[out, in]`` must be the row view of the Flax kernel ``shape`` (for a 2-D
     ``Dense`` kernel ``(in, out)``, its transpose); every array must have the size the blocks
     of that shape imply.

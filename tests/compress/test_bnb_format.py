@@ -202,6 +202,18 @@ def test_written_weight_runs_in_bitsandbytes_linear4bit(case):
     assert np.all(np.abs(y - expect) <= tol * scale + 1e-6)
 
 
+def test_weight_in_another_quant_storage_is_read_as_its_bytes():
+    lin = bnb.nn.Linear4bit(128, 32, bias=False, quant_type="nf4", quant_storage=torch.float16)
+    lin = lin.to("cpu")
+    sd = _np(lin.state_dict())
+    assert sd["weight"].dtype == np.float16 and sd["weight"].shape == (1024, 1)
+    node = from_bnb_state_dict(sd, "", shape=(128, 32))
+    assert node.codes.shape == (32, 64) and node.codes.dtype == jnp.uint8
+    np.testing.assert_array_equal(np.asarray(node.codes).ravel(),
+                                  lin.weight.data.view(torch.uint8).numpy().ravel())
+    np.testing.assert_array_equal(np.asarray(node.scales).ravel(), sd["weight.absmax"])
+
+
 def _tree():
     rng = np.random.default_rng(0)
 
@@ -254,6 +266,14 @@ def test_tree_round_trips_through_safetensors(tmp_path):
         return {"head": "lm_head", "norm": "norm", "embed": "model.embed_tokens"}[first] \
             if last in ("kernel", "scale", "embedding") else None
     _assert_trees_equal(load_bnb_checkpoint(f, q, names), q)
+    # an NNX model's State: the same file's layer 0 into an nnx.Linear
+    from flax import nnx
+    state = nnx.state(nnx.Linear(100, 7, rngs=nnx.Rngs(0)), nnx.Param)
+    loaded = load_bnb_checkpoint(f, state, lambda p: "model.layers.0", strict=False)
+    assert type(loaded) is type(state)
+    _assert_trees_equal(loaded["kernel"].value, q["dense_0"]["kernel"])
+    np.testing.assert_array_equal(np.asarray(loaded["bias"].value),
+                                  np.asarray(params["dense_0"]["bias"]))
     # the file's layer 0 is what to_bnb_state_dict writes, and bitsandbytes loads it
     node = q["dense_0"]["kernel"]
     for k, v in to_bnb_state_dict(node, "model.layers.0.").items():
