@@ -230,8 +230,18 @@ class QuantizedWeight:
         return wq.dequantize_int4_groups(codes, s, self.mins, dtype)
 
     def materialize(self) -> jax.Array:
-        """The dequantized kernel, in its original shape and dtype."""
-        return from_row_view(self.row_view(), self.layout).astype(self.dtype)
+        """The dequantized kernel, in its original shape and dtype (eagerly: one compiled
+        program per node structure)."""
+        if any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(self)):
+            return _dense(self)
+        return _dense_jit(self)
+
+
+def _dense(node: QuantizedWeight) -> jax.Array:
+    return from_row_view(node.row_view(), node.layout).astype(node.dtype)
+
+
+_dense_jit = jax.jit(_dense)
 
 
 def to_row_view(w: jax.Array, lay: KernelLayout) -> jax.Array:

@@ -61,6 +61,7 @@ from effjax.peft.hf_format import (
 from effjax.peft.io import load_adapters, read_adapter_config, save_adapters
 from effjax.peft.lamda import LaMDA, LaMDAFreezeState, LaMDAWeight, frozen_components, lamda_freeze
 from effjax.peft.layout import KernelLayout
+from effjax.peft.loftq import LoftQ, inject_loftq
 from effjax.peft.loldu import LoLDU, LoLDUScaleWeight, LoLDUWeight, ldu_decompose
 from effjax.peft.lora import LoRA, LoRAWeight
 from effjax.peft.lora_sb import LoRASB, LoRASBWeight
@@ -107,7 +108,7 @@ __all__ = [
     "inject", "materialize", "merge", "trainable_mask", "split", "combine", "summary", "Summary",
     "adapter_paths", "leaf_key", "save_adapters", "load_adapters", "read_adapter_config",
     "save_peft_adapter", "load_peft_adapter", "to_peft_state_dict", "from_peft_state_dict",
-    "llama_module_names",
+    "llama_module_names", "LoftQ", "inject_loftq",
     "AdapterMethod", "KernelAdapter", "AdapterNode", "adapter_node", "is_adapter",
     "register_adapter", "registered_adapters", "method_to_config", "method_from_config",
     "KernelLayout", "Rule", "compile_rules", "assign_rules",

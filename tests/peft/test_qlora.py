@@ -223,3 +223,67 @@ def test_merge_three_ways():
     assert 0.05 * update < drift < 2 * update
     with pytest.raises(ValueError, match="merge\\(quantized=...\\) must be one of"):
         merge(tree, quantized="bf16")
+
+
+@pytest.mark.peer
+def test_qlora_outputs_equal_peft_over_bitsandbytes_linear4bit():
+    """PEFT's LoRA over bitsandbytes' Linear4bit (CPU) and effjax's QLoRA with the same
+    quantized base (read from the Linear4bit's state dict) and the same adapter values."""
+    import bitsandbytes as bnb
+    import peft
+    import torch
+
+    from effjax.compress import from_bnb_state_dict
+    n_in, n_out = 128, 24
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(n_out, n_in, generator=gen) / 8
+    lin = bnb.nn.Linear4bit(n_in, n_out, bias=False, quant_type="nf4", compress_statistics=True)
+    lin.weight.blocksize = 64
+    lin.load_state_dict({"weight": w})
+    lin = lin.to("cpu")  # quantizes (Params4bit._quantize)
+    model = peft.get_peft_model(torch.nn.Sequential(lin),
+                                peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0"]))
+    layer = model.base_model.model[0]
+    # on CPU PEFT wraps the Linear4bit in its generic lora.Linear: base_layer(x) + B A x s
+    assert isinstance(layer.base_layer, bnb.nn.Linear4bit)
+    with torch.no_grad():
+        layer.lora_B["default"].weight.copy_(0.1 * torch.randn(n_out, 4, generator=gen))
+    x = torch.randn(5, n_in, generator=gen)
+    with torch.no_grad():
+        y_peft = model(x).numpy()
+
+    sd = {k: v.detach().numpy() for k, v in layer.base_layer.state_dict().items()}
+    qw = from_bnb_state_dict(sd, shape=(n_in, n_out))
+    node = inject({"kernel": qw}, {"kernel": LoRA(rank=4, alpha=8.0)}, key=jax.random.key(0))
+    node = node["kernel"].replace(
+        a=jnp.asarray(layer.lora_A["default"].weight.detach().numpy().T),
+        b=jnp.asarray(layer.lora_B["default"].weight.detach().numpy().T))
+    with linen_adapted_layers():
+        y = nn.Dense(n_out, use_bias=False).apply({"params": {"kernel": node}},
+                                                  jnp.asarray(x.numpy()))
+    # the same float32 products summed in different orders (two matmuls of length 128 / 4)
+    np.testing.assert_allclose(np.asarray(y), y_peft, rtol=1e-5, atol=1e-5)
+    assert np.abs(y_peft).max() > 0.1 and float(jnp.abs(node.b).max()) > 0
+
+
+def test_inject_loftq_builds_lora_over_loftq_base():
+    from effjax.compress import loftq_init
+    from effjax.peft import LoftQ, inject_loftq
+    w = jax.random.normal(jax.random.key(0), (3, 64, 32))  # stacked kernels
+    lora = LoRA(rank=4, alpha=16.0, batch_axes=(0,))
+    tree = inject_loftq({"k": w}, {"k": LoftQ(lora=lora, iters=2)}, key=jax.random.key(1))
+    node = tree["k"]
+    q, a, b = loftq_init(w, NF4(batch_axes=(0,)), rank=4, iters=2, alpha=16.0)
+    np.testing.assert_array_equal(np.asarray(node.w.codes), np.asarray(q.codes))
+    np.testing.assert_array_equal(np.asarray(node.a), np.asarray(a))
+    np.testing.assert_array_equal(np.asarray(node.b), np.asarray(b))
+    assert node.a.shape == (3, 64, 4) and node.b.shape == (3, 4, 32)
+    # LoftQ starts closer to W than the quantized base alone, slice by slice
+    start = materialize(tree)["k"]
+    plain = quantize_params({"k": w}, {"k": NF4(batch_axes=(0,))})["k"].materialize()
+    for i in range(3):
+        assert jnp.linalg.norm(start[i] - w[i]) < jnp.linalg.norm(plain[i] - w[i])
+    with pytest.raises(ValueError, match="LoftQ sets the adapter's init itself"):
+        LoftQ(lora=LoRA(rank=4, init="pissa"))
+    with pytest.raises(ValueError, match="iters must be an int >= 1"):
+        LoftQ(iters=0)
