@@ -208,6 +208,23 @@ class QuantizedWeight:
         """Bytes of every stored array."""
         return sum(int(a.size) * a.dtype.itemsize for a in jax.tree.leaves(self))
 
+    def __getitem__(self, index: Any) -> QuantizedWeight:
+        """``node[...]`` is the node itself (an NNX layer reads its ``Param`` as
+        ``param[...]``; an intercepted layer must get the node, not a dense copy)."""
+        if index is Ellipsis:
+            return self
+        raise TypeError(f"QuantizedWeight of shape {self.shape} ({self.format}): only "
+                        f"node[...] is supported; use .materialize() for the dense kernel")
+
+    def __jax_array__(self):
+        raise TypeError(
+            f"a QuantizedWeight of shape {self.shape} ({self.format}) reached code that needs "
+            f"a dense array: a layer that does not read structured kernels (wrap an NNX model "
+            f"with effjax.nn.adapted_layers(model); run a Linen model inside "
+            f"effjax.nn.linen_adapted_layers(); only Linear/Dense, LinearGeneral/DenseGeneral "
+            f"and Einsum layers can), or an op on the weight itself: materialize(tree) first "
+            f"for a dense copy")
+
     def block_scales(self) -> jax.Array:
         """The float32 block scales (double quantization undone)."""
         if self.scales_absmax is None:

@@ -556,8 +556,23 @@ def _linen_call(module: nn.Module, hooks: tuple, next_fun: Callable, args: tuple
                          f"({e})") from None
 
 
+def _check_unreadable(module: nn.Module) -> None:
+    """A layer the interception does not handle, holding a structured param: say so (Flax's
+    own error would compare the node's first array with the param's shape)."""
+    if module.is_initializing() or "params" not in module.variables:
+        return
+    for name, value in module.variables["params"].items():
+        if is_structured(value):
+            raise TypeError(
+                f"{_layer_name(type(module), path_str(module.path))}: its param '{name}' is a "
+                f"{type(value).__name__}, which only Dense / DenseGeneral / Einsum layers read; "
+                f"materialize it first (effjax.peft.materialize or effjax.compress.materialize)")
+
+
 def _linen_interceptor(next_fun, args, kwargs, context):
     module = context.module
+    if context.method_name == "__call__" and not isinstance(module, LINEN_LAYERS):
+        _check_unreadable(module)
     if (context.method_name != "__call__" or not isinstance(module, LINEN_LAYERS)
             or isinstance(getattr(module, "dot_general", None), _LinenOp)):
         return next_fun(*args, **kwargs)  # not a layer, or the clone an interceptor runs

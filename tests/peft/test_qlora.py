@@ -287,3 +287,18 @@ def test_inject_loftq_builds_lora_over_loftq_base():
         LoftQ(lora=LoRA(rank=4, init="pissa"))
     with pytest.raises(ValueError, match="iters must be an int >= 1"):
         LoftQ(iters=0)
+
+
+def test_a_quantized_kernel_in_a_layer_that_cannot_read_it():
+    q = quantize_params({"kernel": jnp.ones((3, 64, 4)), "bias": jnp.zeros(4)},
+                        {"kernel": NF4(in_axes=(0, 1))})
+    with pytest.raises(TypeError, match=r"Conv: its param 'kernel' is a QuantizedWeight"):
+        with linen_adapted_layers():
+            nn.Conv(4, (3,)).apply({"params": q}, jnp.ones((1, 5, 64)))
+    conv = nnx.Conv(64, 4, (3,), rngs=nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(conv, nnx.Param, ...)
+    tree = quantize_params(params, {"kernel": NF4(in_axes=(0, 1))})
+    with pytest.raises(TypeError, match=r"QuantizedWeight of shape \(3, 64, 4\).*adapted_layers"):
+        nnx.merge(graphdef, tree, rest)(jnp.ones((1, 5, 64)))
+    with pytest.raises(TypeError, match=r"only node\[...\] is supported"):
+        tree["kernel"].get_value()[0]
