@@ -24,6 +24,12 @@ out)`` need ``batch_axes=(0,)``.
   ``scales_absmax`` the nested float32 block maxima (one per 256 scales) and ``scales_offset``
   their mean (bitsandbytes' ``absmax``, ``nested_absmax``, ``offset``).
 
+Exactness: an eager ``materialize`` gives bitsandbytes' ``dequantize_4bit`` values bit for bit.
+Compiled (inside ``jit``), XLA:CPU may fuse double quantization's ``dyn[c] * a + offset`` into
+one FMA, so some block scales are 1 ulp from bitsandbytes' two roundings (the codes are the
+same). Sharding: a kernel sharded over Auto mesh axes quantizes under ``jit`` as on one device;
+one sharded over Explicit axes is gathered first, and the node's arrays come out replicated.
+
 Example:
   >>> import jax, jax.numpy as jnp
   >>> params = {'dense': {'kernel': jax.random.normal(jax.random.key(0), (128, 32)),
@@ -46,6 +52,7 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from effjax.quant import weights as wq
 from effjax.quant.kernel_layout import KernelLayout, axes_field
@@ -231,12 +238,13 @@ class QuantizedWeight:
             return self.scales.astype(jnp.float32)
         return wq.double_dequantize(self.scales, self.scales_absmax, self.scales_offset)
 
-    def row_view(self, dtype=jnp.float32) -> jax.Array:
-        """The dequantized row view ``(rows, K)`` in ``dtype``."""
+    def row_view(self, dtype=jnp.float32, scales: jax.Array | None = None) -> jax.Array:
+        """The dequantized row view ``(rows, K)`` in ``dtype`` (``scales``: the float32
+        block scales if already computed)."""
         lay = self.layout
         rows, k = lay.n_batch * lay.n_out, lay.n_in
         f = self.format
-        s = self.block_scales()
+        s = self.block_scales() if scales is None else scales
         if isinstance(f, _FourBit):
             flat = wq.dequantize_4bit(self.codes, s.ravel(), kind=f.kind,
                                       block_size=f.block_size, n=rows * k, dtype=dtype)
@@ -251,11 +259,13 @@ class QuantizedWeight:
         program per node structure)."""
         if any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(self)):
             return _dense(self)
-        return _dense_jit(self)
+        # the scales op by op: compiled, XLA:CPU fuses double quantization's dyn[c] * a + offset
+        # into one FMA (1 ulp from bitsandbytes' two roundings in some blocks)
+        return _dense_jit(self, self.block_scales())
 
 
-def _dense(node: QuantizedWeight) -> jax.Array:
-    return from_row_view(node.row_view(), node.layout).astype(node.dtype)
+def _dense(node: QuantizedWeight, scales: jax.Array | None = None) -> jax.Array:
+    return from_row_view(node.row_view(scales=scales), node.layout).astype(node.dtype)
 
 
 _dense_jit = jax.jit(_dense)
@@ -307,8 +317,26 @@ def _quantize(w: jax.Array, fmt: WeightFormat) -> QuantizedWeight:
         raise ValueError(f"{bad} non-finite value(s) in the kernel: a quantized weight would "
                          "decode them to NaN for whole blocks")
     run = _encode if isinstance(w, jax.core.Tracer) else _encode_jit
-    arrays = run(w, fmt)
+    arrays = run(_replicated_if_explicit(w), fmt)
     return QuantizedWeight(*arrays, shape=tuple(w.shape), dtype=jnp.dtype(w.dtype), format=fmt)
+
+
+def _replicated_if_explicit(w: jax.Array) -> jax.Array:
+    """A kernel sharded over Explicit mesh axes, gathered (replicated on its mesh): the row
+    view's transpose and reshape would need output shardings JAX cannot infer. Quantizing is a
+    one-time step; the node's arrays come out replicated."""
+    try:
+        sh = jax.typeof(w).sharding
+    except (TypeError, AttributeError):
+        return w
+    mesh = getattr(sh, "mesh", None)
+    if mesh is None or not getattr(mesh, "axis_names", ()):
+        return w
+    if not any(t == AxisType.Explicit for t in mesh.axis_types):
+        return w
+    if all(e is None for e in sh.spec):
+        return w
+    return jax.sharding.reshard(w, NamedSharding(mesh, PartitionSpec()))
 
 
 def _encode(w: jax.Array, fmt: WeightFormat):
