@@ -60,7 +60,7 @@ def test_every_block_runs(runs):
 
 
 def test_optimizer_example_bytes_per_param_from_the_format(runs):
-    ns, out = _block(runs, "adamw_8bit(")
+    ns, out = _block(runs, "state_bytes(")
     shapes = {"w": (1024, 1024), "b": (1024,)}  # the README's tree
     assert {k: v.shape for k, v in ns["params"].items()} == shapes
     n, expected = 0, 4  # one int32 step count
@@ -95,7 +95,7 @@ def test_optimizer_example_bytes_per_param_from_the_format(runs):
 
 
 def test_peft_example_trains_lora_and_merges_back(runs):
-    ns, out = _block(runs, "inject(")
+    ns, out = _block(runs, "print(summary(tree))")
     rank, alpha = 2, 4.0  # the README's rule: LoRA(rank=2, alpha=4.0) on every kernel
     params, tree, tuned = ns["params"], ns["tree"], ns["tuned"]
     layers = [(0, (8, 16)), (1, (16, 2))]  # MLP((8, 16, 2))
@@ -129,3 +129,29 @@ def test_peft_example_trains_lora_and_merges_back(runs):
     h = np.asarray(jax.nn.gelu(jnp.asarray(x @ arr(merged, 0, "kernel") + arr(merged, 0, "bias"))))
     y = h @ arr(merged, 1, "kernel") + arr(merged, 1, "bias")
     np.testing.assert_allclose(np.asarray(tuned(ns["x"])), y, rtol=1e-5, atol=1e-5)
+
+
+def test_qlora_example_quantizes_trains_adapters_and_merges(runs):
+    ns, out = _block(runs, "quantize_params(")
+    n_in, n_out, rank, alpha = 256, 128, 4, 8.0  # MLP((256, 128, 2)), LoRA(rank=4, alpha=8.0)
+    n = n_in * n_out
+    blocks = n // 64
+    # NF4 + double quant: 4-bit codes, one uint8 per block scale, one float32 maximum per 256
+    # scales, one float32 offset
+    nbytes = n // 2 + blocks + 4 * math.ceil(blocks / 256) + 4
+    assert f"{8 * nbytes / n:10.3f}" in out and "nf4 b64 +dq" in out
+    assert f"{8 * nbytes / n:.3f}" == "4.128"
+    node = _value(ns["tree"]["layers"][0]["kernel"])
+    assert node.w.nbytes == nbytes
+    a, b = np.asarray(node.a), np.asarray(node.b)
+    assert a.shape == (n_in, rank) and b.shape == (rank, n_out) and np.abs(b).max() > 1e-5
+    # the export: the dequantized base (NF4 codes times the block scales) plus (alpha/rank) a b
+    from effjax.quant import weights as wq
+    codes = np.asarray(node.w.codes).ravel()
+    q = np.stack([codes >> 4, codes & 15], axis=-1).ravel()
+    scales = np.asarray(node.w.block_scales()).ravel()
+    w_deq = (wq.four_bit_table("nf4")[q] * np.repeat(scales, 64)).reshape(n_out, n_in).T
+    merged = np.asarray(_value(ns["dense"]["layers"][0]["kernel"]))
+    np.testing.assert_allclose(merged, w_deq + (alpha / rank) * (a @ b), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(_value(ns["dense"]["layers"][1]["kernel"])),
+                                  np.asarray(_value(ns["tree"]["layers"][1]["kernel"])))

@@ -4,6 +4,10 @@
   :class:`Int4`; :func:`quantize_params` with ordered ``{regex: format}`` rules gives
   :class:`QuantizedWeight` nodes (bitsandbytes' bytes for NF4/FP4), :func:`materialize`
   dequantizes, :func:`quantization_report` prints bits per parameter.
+* bitsandbytes 4-bit checkpoints: :func:`to_bnb_state_dict` / :func:`from_bnb_state_dict`,
+  :func:`save_bnb_checkpoint` / :func:`load_bnb_checkpoint` (no dequantization).
+* LoftQ / LQ-LoRA: :func:`loftq_init`, :func:`lq_lora_decompose`, :func:`lq_lora_allocate`
+  (a quantized base plus low-rank factors; mixed formats under a byte budget).
 * Fake quantization with a straight-through estimator (QAT): :func:`fake_quantize`, and the
   param-tree rewriter :func:`fake_quantize_params` with ordered ``{regex: FakeQuant}`` rules.
 """

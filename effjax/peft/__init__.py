@@ -16,7 +16,14 @@ turns the tree back into dense params for any model code.
   calibration=...)``.
 * Tree functions: :func:`inject`, :func:`materialize`, :func:`merge`, :func:`trainable_mask`,
   :func:`split` / :func:`combine`, :func:`summary`.
-* I/O: :func:`save_adapters` / :func:`load_adapters` (orbax; trainable arrays + configs only).
+* Quantized bases (QLoRA): a leaf that is an :class:`effjax.compress.QuantizedWeight` keeps
+  its 4-/8-bit base inside the adapter node (methods that rewrite the base refuse it);
+  :func:`inject_loftq` with :class:`LoftQ` rules starts the adapters from LoftQ; ``merge``
+  folds adapters into quantized bases three ways.
+* I/O: :func:`save_adapters` / :func:`load_adapters` (orbax; trainable arrays + configs only);
+  :func:`save_peft_adapter` / :func:`load_peft_adapter` (Hugging Face PEFT's
+  ``adapter_model.safetensors`` + ``adapter_config.json``; :func:`llama_module_names` for
+  SmolLM2).
 * Interface for new methods (see :mod:`effjax.peft.base`): :class:`AdapterMethod` and
   :class:`KernelAdapter` (configs, with the shared ``dtype`` / axes fields), :class:`AdapterNode`
   and :func:`adapter_node` (nodes), :func:`register_adapter` (the stable name checkpoints

@@ -1,9 +1,11 @@
 """effjax.quant: number formats (codebooks) and block-wise quantization.
 
 The shared numeric core of effjax; optimizers, weight quantization and kernels build on it.
+:mod:`effjax.quant.weights` holds the weight formats (bitsandbytes' NF4 / FP4 and double
+quantization, int8 per row, int4 with groups).
 """
 
-from effjax.quant import search
+from effjax.quant import search, weights
 from effjax.quant.blockwise import (
     QuantizedArray,
     block_layout,
@@ -27,6 +29,7 @@ from effjax.quant.codebooks import (
 
 __all__ = [
     "search",
+    "weights",
     "QuantizedArray",
     "block_layout",
     "block_view",

@@ -8,7 +8,7 @@ kernel layout); blocks and groups run along ``K``.
 
 **4-bit (NF4, FP4), bitsandbytes 0.50's CPU path transcribed.** The row view is flattened
 row-major and cut into blocks of ``block_size`` consecutive elements (a last partial block is
-a block of its own; blocks cross rows when ``K % block_size != 0``):
+a block of its own; blocks cross rows when ``K % block_size != 0``)::
 
     absmax_b = max |x_i| over block b
     y_i = clip(x_i * (1 / max(absmax_b, 1e-38)), -1, 1)      (last partial block: x_i / a,
