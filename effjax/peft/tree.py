@@ -318,7 +318,8 @@ class Summary:
     Attributes:
       trainable: elements in trainable fields of adapter nodes.
       total: elements of every array leaf (frozen weights, adapters and untouched leaves;
-        PRNG key arrays excluded), as PEFT's "all params".
+        PRNG key arrays excluded; a quantized kernel counts its weights, not its bytes), as
+        PEFT's "all params".
       methods: ``{method name: {'leaves': n, 'trainable': t, 'total': c}}`` over the nodes of
         each method (``total`` includes their frozen fields).
     """
@@ -364,12 +365,16 @@ def summary(tree: Any) -> Summary:
     """
     trainable = total = 0
     methods: dict[str, dict[str, int]] = {}
-    for x in jax.tree.leaves(tree, is_leaf=is_adapter):
+    def count(v):  # a quantized kernel counts its weights (PEFT counts a Params4bit's too)
+        return v.size if is_quantized(v) else _size(v)
+
+    for x in jax.tree.leaves(tree, is_leaf=_is_node):
         if not is_adapter(x):
-            total += _size(x)
+            total += count(x)
             continue
         t = sum(_size(v) for f in x.trainable_fields for v in jax.tree.leaves(getattr(x, f)))
-        c = t + sum(_size(v) for f in x.frozen_fields for v in jax.tree.leaves(getattr(x, f)))
+        c = t + sum(count(v) for f in x.frozen_fields
+                    for v in jax.tree.leaves(getattr(x, f), is_leaf=is_quantized))
         trainable, total = trainable + t, total + c
         m = methods.setdefault(x.method.name, {"leaves": 0, "trainable": 0, "total": 0})
         m["leaves"] += 1

@@ -302,3 +302,14 @@ def test_a_quantized_kernel_in_a_layer_that_cannot_read_it():
         nnx.merge(graphdef, tree, rest)(jnp.ones((1, 5, 64)))
     with pytest.raises(TypeError, match=r"only node\[...\] is supported"):
         tree["kernel"].get_value()[0]
+
+
+def test_summary_counts_weights_of_quantized_kernels():
+    from effjax.peft import summary
+    p = {"a": {"kernel": jnp.ones((128, 64)), "bias": jnp.zeros(64)},
+         "b": {"kernel": jnp.ones((128, 64))}}
+    tree = inject(quantize_params(p, {r".*/kernel": NF4()}), {"a/kernel": LoRA(rank=4)},
+                  key=jax.random.key(0))
+    s = summary(tree)  # weights, not bytes: 2 kernels of 128 x 64, a bias, 4 (128 + 64)
+    assert (s.trainable, s.total) == (768, 2 * 8192 + 64 + 768)
+    assert s.methods["LoRA"] == {"leaves": 1, "trainable": 768, "total": 8192 + 768}
