@@ -24,7 +24,7 @@ low-bit rows on MiniLM-L6, SmolLM2-135M and LLaMA-2-7B (``experiments/model_tree
 only, ``jax.eval_shape``), next to the same tree in the anchors' flat-block layout.
 
 Run:  python -m experiments.bench_optim            (full, ~12 min on 2 CPU cores)
-      python -m experiments.bench_optim --quick    (tiny tree, seconds; run by the tests)
+      python -m experiments.bench_optim --quick    (tiny tree, QUICK_ROWS; run by the tests)
       python -m experiments.bench_optim --grads-in-step   (the step computes its gradients,
                                                            materialized as a backward pass's
                                                            are: adamw, adamw_8bit, fused_apply,
@@ -36,6 +36,7 @@ Writes experiments/results/bench_optim.{json,md,png} (``--out`` picks another fo
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
 import json
 import os
@@ -51,6 +52,7 @@ import optax
 
 from effjax import optim
 from effjax.optim import fira_adamw, galore_adamw
+from effjax.quant import QuantizedArray
 from experiments import model_trees
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
@@ -124,6 +126,15 @@ def optimizers(d_model=None):
         "galore_adamw+einsum": galore_adamw(lr, rank=rank, row_axes=einsum_row_axes),
         "fira_adamw+einsum": fira_adamw(lr, rank=rank, row_axes=einsum_row_axes),
     }
+
+
+#: The rows of ``--quick`` (a smoke test of the script: every kind of row it reports, the
+#: default, fused_apply, unfused, 4-bit, bfloat16-scale and low-rank rows, each compiled once;
+#: the other 8-bit rows are the same ``quantize_state`` step with another optax inner, checked
+#: by the optimizer conformance table).
+QUICK_ROWS = ("optax.adamw", "adamw_8bit", "adamw_8bit (fused_apply)", "adamw_8bit (unfused)",
+              "adamw_4bit", "adamw_8bit (bf16 scales)", "adamw_4bit (bf16 scales)",
+              "galore_adamw", "fira_adamw", "galore_adamw+einsum", "fira_adamw+einsum")
 
 
 def grads_in_step(p, c):
@@ -225,7 +236,7 @@ def time_torch(params, grads, reps):
 IN_STEP_ROWS = ("optax.adamw", "adamw_8bit", "adamw_8bit (fused_apply)", "adamw_4bit")
 
 
-def run(sizes, reps, peers=True, in_step=False):
+def run(sizes, reps, peers=True, in_step=False, rows_only=None):
     rows = []
     for size in sizes:
         if size in model_trees.MODELS:  # a real model's tree, random values
@@ -239,6 +250,8 @@ def run(sizes, reps, peers=True, in_step=False):
         opts = optimizers(d)
         if in_step:
             opts = {k: opts[k] for k in IN_STEP_ROWS}
+        elif rows_only is not None:
+            opts = {k: opts[k] for k in rows_only}
         timed = time_interleaved(opts, params, grads, reps, in_step)
         base = timed["optax.adamw"][0]
         for name, (secs, by_kind) in timed.items():
@@ -282,16 +295,38 @@ def flat_layout_bytes(shapes, bits, scale_bytes=4, block=None, min_size=4096):
     return total
 
 
-def model_state_bytes(names):
+def state_bytes_by_unique_leaf(opt, shapes):
+    """``optim.state_bytes_breakdown(jax.eval_shape(opt.init, shapes))`` for an optimizer whose
+    state is per leaf (every row of :data:`STATE_ROWS`: each leaf's moments depend only on its
+    shape and dtype), traced on one leaf of each (shape, dtype) and multiplied by its count;
+    leaves of no parameter (the step counter) are counted once. The same integers, from a few
+    traced leaves instead of hundreds (``--quick``)."""
+    counts = collections.Counter((tuple(x.shape), jnp.dtype(x.dtype))
+                                 for x in jax.tree.leaves(shapes))
+    one = {f"leaf{i}": jax.ShapeDtypeStruct(s, d) for i, (s, d) in enumerate(counts)}
+    mult = {f"leaf{i}": c for i, c in enumerate(counts.values())}
+    out = dict(codes=0, scales=0, float=0, other=0)
+    state = jax.eval_shape(opt.init, one)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(
+            state, is_leaf=lambda x: isinstance(x, QuantizedArray))[0]:
+        keys = [k.key for k in path if isinstance(k, jax.tree_util.DictKey) and k.key in mult]
+        for kind, v in optim.state_bytes_breakdown(leaf).items():
+            out[kind] += v * (mult[keys[-1]] if keys else 1)
+    return out
+
+
+def model_state_bytes(names, unique_leaves=False):
     """State bytes per parameter on real models' trees (shapes only: ``jax.eval_shape`` of
-    ``init``), by kind, with the flat-block layout of the anchors on the same tree."""
+    ``init``), by kind, with the flat-block layout of the anchors on the same tree.
+    ``unique_leaves`` (``--quick``): through :func:`state_bytes_by_unique_leaf`."""
     opts = optimizers()
     rows = []
     for name in names:
         shapes = model_trees.param_shapes(name)
         n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
         for opt_name in STATE_ROWS:
-            by_kind = optim.state_bytes_breakdown(jax.eval_shape(opts[opt_name].init, shapes))
+            by_kind = (state_bytes_by_unique_leaf(opts[opt_name], shapes) if unique_leaves else
+                       optim.state_bytes_breakdown(jax.eval_shape(opts[opt_name].init, shapes)))
             row = dict(model=name, params=n, optimizer=opt_name,
                        bytes_per_param=sum(by_kind.values()) / n,
                        by_kind={k: v / n for k, v in by_kind.items()}, flat_layout=None)
@@ -371,7 +406,8 @@ def plot(rows, path):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="tiny tree, 2 repetitions")
+    ap.add_argument("--quick", action="store_true",
+                    help="tiny tree (1 layer), 2 repetitions, the QUICK_ROWS")
     ap.add_argument("--sizes", default="1M,10M,50M,MiniLM-L6",
                     help="comma-separated: 1M, 10M, 50M, or a model of experiments/model_trees.py")
     ap.add_argument("--reps", type=int, default=15)
@@ -380,10 +416,12 @@ def main(argv=None):
                     help="the step computes its gradients (grads_in_step); a few rows, no peers")
     ap.add_argument("--out", default=RESULTS)
     args = ap.parse_args(argv)
-    sizes = [(64, 64, 2, 2)] if args.quick else args.sizes.split(",")
+    sizes = [(64, 64, 1, 2)] if args.quick else args.sizes.split(",")
     rows = run(sizes, 2 if args.quick else args.reps,
-               peers=not (args.no_peers or args.grads_in_step), in_step=args.grads_in_step)
-    model_rows = [] if args.grads_in_step else model_state_bytes(list(model_trees.MODELS))
+               peers=not (args.no_peers or args.grads_in_step), in_step=args.grads_in_step,
+               rows_only=QUICK_ROWS if args.quick else None)
+    model_rows = [] if args.grads_in_step else model_state_bytes(list(model_trees.MODELS),
+                                                                 unique_leaves=args.quick)
     # The allocator settings the process runs under (glibc reads them at start-up): they move
     # the `update` rows (the update temporary's fresh pages; experiments/README.md).
     env = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items())

@@ -31,7 +31,7 @@ import optax
 from flax import nnx
 
 from effjax import optim
-from effjax.data import batches
+from effjax.data import batches, load_fashion_mnist_source
 from effjax.models import CNN, CharTransformer, CharTransformerConfig, next_token_loss
 from experiments import _train
 
@@ -107,15 +107,25 @@ def _accuracy(model, batch):
     return jnp.mean(jnp.argmax(logits, -1) == batch["label"])
 
 
+def _records(source, indices):
+    """The images and labels of ``source``'s records at ``indices`` (random access)."""
+    recs = [source[int(i)] for i in indices]
+    return {k: np.stack([r[k] for r in recs]) for k in ("image", "label")}
+
+
 def cnn_task(args):
-    full = _train.fashion_mnist_arrays("train")
-    test = _train.fashion_mnist_arrays("test", limit=512 if args.quick else None)
-    order = np.random.default_rng(0).permutation(len(full["label"]))
-    n_val = 256 if args.quick else 5000
-    val = {k: v[order[:n_val]] for k, v in full.items() if k in ("image", "label")}
-    train = {k: v[order[n_val:]] for k, v in full.items() if k in ("image", "label")}
-    if args.quick:
-        train = {k: v[:256] for k, v in train.items()}
+    if args.quick:  # read only the records the quick run uses (the same ones), not all 60,000
+        source = load_fashion_mnist_source("train")
+        order = np.random.default_rng(0).permutation(len(source))
+        val, train = _records(source, order[:256]), _records(source, order[256:512])
+        test = _records(load_fashion_mnist_source("test"), range(256))  # val's batch shape
+    else:
+        full = _train.fashion_mnist_arrays("train")
+        test = _train.fashion_mnist_arrays("test")
+        order = np.random.default_rng(0).permutation(len(full["label"]))
+        n_val = 5000
+        val = {k: v[order[:n_val]] for k, v in full.items() if k in ("image", "label")}
+        train = {k: v[order[n_val:]] for k, v in full.items() if k in ("image", "label")}
     steps = max(1, int(args.cnn_epochs * len(train["label"]) / args.cnn_batch))
     opts = {name: make(schedule(args.cnn_lr, steps)) for name, make in OPTIMIZERS.items()}
     results = []
