@@ -14,6 +14,10 @@ TINY = {  # notebook -> replacement for its parameters cell (WIDTH 64: leaves of
                            "LR = 3e-3\nEVAL_WINDOWS = 8",
     "02_peft.ipynb": "TRAIN_LINES = 24\nEVAL_LINES = 20\nMAX_LEN = 32\nBATCH = 8\nSTEPS = 3\n"
                      "RANK = 2\nLR = 5e-4",
+    # one of SmolLM2's 30 blocks; rank 8 so that the LoRA factors (576 x 8) have >= 4096 values
+    # and the 8-bit optimizer state really is quantized
+    "03_qlora.ipynb": "LAYERS = 1\nTRAIN_PLAYS = 1\nSTEPS = 3\nBATCH = 2\nSEQ_LEN = 16\nRANK = 8\n"
+                      "LR = 1e-3\nNEW_TOKENS = 4\nEVAL_WINDOWS = 4",
 }
 # notebook -> texts its printed output must contain (besides: no error, a plot drawn)
 EXPECTED = {
@@ -23,6 +27,13 @@ EXPECTED = {
                       "merged kernel is a plain array: True (384, 384)",
                       "merged vs adapter logits", "round trip: identical weights = True",
                       " 1,155 trainable params"],
+    # NF4 + double quant at block 64: 4 + 8 / 64 + 32 / (64 * 256) bits (bitsandbytes'); rank 8
+    # on one block's q, o (576 -> 576), k, v (576 -> 192), gate, up (576 -> 1536) and
+    # down (1536 -> 576): r * (in + out) each
+    "03_qlora.ipynb": ["nf4 b64 +dq", "4.127 bits/param", "LoRAWeight over QuantizedWeight",
+                       f"trainable params: {8 * (2 * 1152 + 2 * 768 + 3 * 2112):,d}",
+                       "8-bit AdamW state", "adapter_model.safetensors", "'peft_type': 'LORA'",
+                       "target_modules: 7 modules", "held-out loss: merged model"],
 }
 
 
