@@ -41,6 +41,11 @@ OPTIMIZERS = {
     "fira_adamw": lambda lr: optim.fira_adamw(lr, rank=32),
 }
 
+#: ``--quick``'s rows (unless ``--optimizers`` is given): the baseline, the low-bit and the
+#: spike-robust ones; the low-rank rows' steps run in ``bench_optim --quick`` (and every
+#: optimizer's in the optimizer conformance table).
+QUICK_OPTIMIZERS = ("optax.adamw", "adamw_8bit", "adamw_4bit", "spam", "stable_spam_8bit")
+
 
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -55,13 +60,16 @@ def parse(argv=None):
     ap.add_argument("--eval-windows", type=int, default=512)
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(OPTIMIZERS))
-    ap.add_argument("--quick", action="store_true", help="tiny model and 8 steps (tests)")
+    ap.add_argument("--quick", action="store_true",
+                    help="tiny model, 8 steps, QUICK_OPTIMIZERS (tests)")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--out", default=_train.RESULTS)
     args = ap.parse_args(argv)
     if args.quick:
         args.steps, args.batch, args.seq_len, args.width, args.depth = 8, 4, 32, 32, 1
         args.heads, args.eval_windows, args.eval_every = 2, 16, 4
+        if args.optimizers == list(OPTIMIZERS):  # GaLore/Fira: stepped on a transformer tree
+            args.optimizers = list(QUICK_OPTIMIZERS)  # by bench_optim --quick, not here
     return args
 
 
