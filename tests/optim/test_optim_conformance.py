@@ -361,31 +361,7 @@ def test_multisteps_equals_step_on_mean_gradient(name):
                         ulps=ROWS[name].ulps)
 
 
-# 5. Orbax --------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("name", list(ROWS))
-def test_orbax_roundtrip_and_bit_identical_resume(name, tmp_path):
-    """Save the state after two steps with orbax, restore it: equal leaf for leaf (codes and
-    scales of QuantizedArray included), and the next step from it is bit-identical."""
-    update, s, p = _jitted(name), _init(name), P0
-    for g in G[:2]:
-        u, s = update(g, s, p)
-        p = optax.apply_updates(p, u)
-    ckpt = ocp.StandardCheckpointer()
-    ckpt.save(tmp_path / "state", s)
-    ckpt.wait_until_finished()
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                            s)
-    restored = ckpt.restore(tmp_path / "state", abstract)
-    ckpt.close()
-    _assert_trees_equal(restored, s, "restored state")  # QuantizedArray codes and scales included
-    if ROWS[name].quantized:
-        assert any(_isq(x) for x in jax.tree.leaves(restored, is_leaf=_isq))
-    floats = [x for x in jax.tree.leaves(s) if jnp.issubdtype(x.dtype, jnp.floating)]
-    assert not floats or any(bool(jnp.any(x != 0)) for x in floats)  # a state that moved
-    # step 3 resets the moments (spam, stable_spam, momentum_reset) and refreshes GaLore's and
-    # Fira's projectors
-    _assert_trees_equal(update(G[2], restored, p), update(G[2], s, p), "step after restore")
+# 5. Orbax: see 6b (saved on the 4 x 2 mesh, restored onto 2 x 4, resumed bit for bit) -----------
 
 
 # 6. Sharding on 8 CPU devices --------------------------------------------------------------------
@@ -515,6 +491,11 @@ def test_orbax_resume_onto_another_mesh_is_bit_identical(name, tmp_path):
                                                  saved=meta["opt_state"])}
         restored = ckpt.restore(tmp_path / "ckpt", target)
     _assert_trees_equal(restored, saved, "restored")  # QuantizedArray layouts included
+    if ROWS[name].quantized:
+        assert any(_isq(x) for x in jax.tree.leaves(restored, is_leaf=_isq))
+    floats = [x for x in jax.tree.leaves(saved["opt_state"]) if jnp.issubdtype(x.dtype,
+                                                                               jnp.floating)]
+    assert not floats or any(bool(jnp.any(x != 0)) for x in floats)  # a state that moved
     assert all(x.sharding.device_set == set(mesh_b.devices.flat) for x in
                jax.tree.leaves(restored))
     for k in SHAPES:
