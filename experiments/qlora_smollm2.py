@@ -71,6 +71,7 @@ from effjax.compress import (
     NF4,
     Int4,
     Int8,
+    dense_weight,
     is_quantized,
     loftq_init,
     quantization_report,
@@ -233,7 +234,6 @@ def base_tree(params: dict, fmt: str) -> dict:
 
 
 def _map_targets(tree, fn):
-
     pattern = re.compile(TARGETS)
     return jax.tree_util.tree_map_with_path(
         lambda p, x: fn(x) if pattern.fullmatch(path_str(p)) else x, tree,
@@ -250,7 +250,6 @@ def loftq_tree(params: dict, args) -> tuple[dict, dict]:
                              alpha=args.alpha)
         qa[path], qb[path] = a, b
         return q
-
 
     pattern = re.compile(TARGETS)
     base = jax.tree_util.tree_map_with_path(
@@ -278,7 +277,6 @@ def lora(args) -> LoRA:
 def weight_bytes(tree) -> dict:
     """Bytes and parameter counts of the adapted kernels' base and of the whole frozen model
     (the totals of ``quantization_report``, checked against its printed total)."""
-
     pattern = re.compile(TARGETS)
     n_k = b_k = n_all = b_all = 0
     flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_quantized)[0]
@@ -307,10 +305,6 @@ def dense_f32(tree):
             return (dense_weight(x.w).astype(jnp.float32) + x.delta().astype(jnp.float32))
         return dense_weight(x).astype(jnp.float32)
     return jax.tree.map(conv, tree, is_leaf=lambda x: _is_adapter(x) or is_quantized(x))
-
-
-def dense_weight(x):
-    return x.materialize() if is_quantized(x) else jnp.asarray(x)
 
 
 def _lm_nll(model, tokens):  # copied from peft_shakespeare (private there)
@@ -493,12 +487,19 @@ def conclusions(result) -> list[str]:
                    f"{nf['ppl_after']:.2f} vs {lo['ppl_after']:.2f}; LoRA's own gain "
                    f"{gain_lo:.4f} nats): NF4 QLoRA {verdict} bf16 LoRA here (criterion: "
                    f"|difference| <= max(0.01, 10% of LoRA's gain)). Before training the gap "
-                   f"was {nf['nll_before'] - lo['nll_before']:+.4f} (quantization alone).")
+                   f"was {nf['nll_before'] - lo['nll_before']:+.4f} (quantization alone; the float "
+                       f"base is itself the dequantized Q4_1 model, so NF4 re-quantizes a "
+                       f"4-bit grid).")
         if "NF4+DQ QLoRA" in q:
             dq = q["NF4+DQ QLoRA"]
             out.append(f"Double quantization: NLL after {dq['nll_after']:.4f} vs "
                        f"{nf['nll_after']:.4f} without, for {dq['kernel_bits']:.3f} vs "
                        f"{nf['kernel_bits']:.3f} bits per parameter.")
+    if "LoftQ-NF4" in q and "NF4+DQ QLoRA" in q:
+        lq, dq = q["LoftQ-NF4"], q["NF4+DQ QLoRA"]
+        out.append(f"LoftQ-NF4 vs NF4+DQ QLoRA (same base format and bytes): NLL before "
+                   f"{lq['nll_before']:.4f} vs {dq['nll_before']:.4f}, after "
+                   f"{lq['nll_after']:.4f} vs {dq['nll_after']:.4f}.")
     if "NF4 QLoRA" in q and "FP4 QLoRA" in q:
         nf, fp = q["NF4 QLoRA"], q["FP4 QLoRA"]
         for when, key in (("before", "nll_before"), ("after", "nll_after")):
@@ -511,9 +512,13 @@ def conclusions(result) -> list[str]:
         for name, r in q.items():
             if name == "bf16 LoRA":
                 continue
+            if r["base"] in ("NF4+DQ", "loftq"):  # the issue's bytes target: NF4 + DQ's
+                target = (f"target <= 0.26x "
+                          f"{'met' if r['kernel_bytes_ratio'] <= 0.26 else 'NOT met'}")
+            else:
+                target = "no double quantization: the 0.26x target is NF4+DQ's"
             out.append(f"{name}: adapted kernels {r['kernel_bytes_ratio']:.4f}x bf16 bytes "
-                       f"({r['kernel_bits']:.3f} bits/param; target <= 0.26x "
-                       f"{'met' if r['kernel_bytes_ratio'] <= 0.26 else 'NOT met'}); step "
+                       f"({r['kernel_bits']:.3f} bits/param; {target}); step "
                        f"temporaries {r['memory']['temp'] / MB:.1f} MB vs "
                        f"{ref['memory']['temp'] / MB:.1f} MB (target <= bf16 LoRA's "
                        f"{'met' if r['memory']['temp'] <= ref['memory']['temp'] else 'NOT met'}"
@@ -653,6 +658,9 @@ def plot(result, path):
             ax.annotate("", xy=(r["memory"]["peak"] / MB, r["nll_after"]),
                         xytext=(r["memory"]["peak"] / MB, r["nll_before"]),
                         arrowprops=dict(arrowstyle="->", color=f"C{i}", lw=0.8))
+        ys = [r[k] for r in rows for k in ("nll_before", "nll_after")]
+        pad = 0.05 * (max(ys) - min(ys) or 1.0)
+        ax.set_ylim(min(ys) - pad, max(ys) + pad)
         ax.set_xlabel("compiled step: arguments + temporaries (MB)")
         ax.set_ylabel("held-out NLL (arrow: before -> after)")
         ax.set_title("held-out NLL vs step memory")
@@ -662,10 +670,10 @@ def plot(result, path):
         ax = axes.pop(0)
         rows = result["ptq"]["rows"]
         for i, r in enumerate(rows):
-            ax.scatter([r["model_bits"]], [r["ppl"]], color=f"C{i}",
-                       label=f"{r['format']} ({r['kernel_bits']:.2f} bits kernels)")
+            ax.scatter([r["kernel_bits"]], [r["ppl"]], color=f"C{i}",
+                       label=f"{r['format']} ({r['model_bits']:.2f} bits whole model)")
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("bits per parameter, whole model (log2)")
+        ax.set_xlabel("bits per parameter of the linear kernels (log2)")
         ax.set_ylabel("held-out perplexity")
         ax.set_title("SmolLM2-135M post-training quantization")
         ax.legend(fontsize=7)
