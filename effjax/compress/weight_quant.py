@@ -18,8 +18,9 @@ out)`` need ``batch_axes=(0,)``.
   (``K % block_size == 0``), else flat ``(ceil(n / 2),)`` with bitsandbytes' blocks crossing
   rows; ``scales`` one per block, ``(rows, K // block_size)`` or ``(n_blocks,)``.
 * int8: ``codes`` int8 ``(rows, K)``, ``scales`` ``(rows,)`` (one per output channel).
-* int4: ``codes`` packed ``(rows, K // 2)``, ``scales`` (and ``mins``, asymmetric)
-  ``(rows, K // group_size)``.
+* int4: ``codes`` packed ``(rows, K // 2)`` (flat ``(ceil(n / 2),)`` for an odd ``K``),
+  ``scales`` (and ``mins``, asymmetric) ``(rows, ceil(K / group_size))``: a row's last group
+  may be shorter.
 * Double quantization (``double_quant=True``): ``scales`` hold the uint8 codes of the scales,
   ``scales_absmax`` the nested float32 block maxima (one per 256 scales) and ``scales_offset``
   their mean (bitsandbytes' ``absmax``, ``nested_absmax``, ``offset``).
@@ -252,7 +253,7 @@ class QuantizedWeight:
         if isinstance(f, Int8):
             return wq.dequantize_int8_rows(self.codes, s, dtype)
         codes = wq.unpack_nibbles(self.codes, rows * k).reshape(rows, k)
-        return wq.dequantize_int4_groups(codes, s, self.mins, dtype)
+        return wq.dequantize_int4_groups(codes, s, self.mins, dtype, group=f.group_size)
 
     def materialize(self) -> jax.Array:
         """The dequantized kernel, in its original shape and dtype (eagerly: one compiled
@@ -309,9 +310,6 @@ def _quantize(w: jax.Array, fmt: WeightFormat) -> QuantizedWeight:
         raise ValueError(f"{type(fmt).__name__} block of {fmt.block} is longer than the "
                          f"contraction axes {lay.in_shape} (K = {k}) of this kernel: use a "
                          f"block of at most {1 << (k.bit_length() - 1)} (or check in_axes)")
-    if isinstance(fmt, Int4) and k % fmt.group_size:
-        raise ValueError(f"Int4 group_size {fmt.group_size} does not divide the contraction "
-                         f"length K = {k} (axes {lay.in_shape})")
     if not isinstance(w, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(w))):
         bad = int(jnp.sum(~jnp.isfinite(w)))
         raise ValueError(f"{bad} non-finite value(s) in the kernel: a quantized weight would "
@@ -355,7 +353,8 @@ def _encode(w: jax.Array, fmt: WeightFormat):
         q, scales, mins = wq.quantize_int4_groups(m, group=fmt.group_size,
                                                    symmetric=fmt.symmetric,
                                                    scale_dtype=fmt.scale_dtype)
-        codes = wq.pack_nibbles(q).reshape(rows, k // 2)
+        codes = wq.pack_nibbles(q)
+        codes = codes.reshape(rows, k // 2) if k % 2 == 0 else codes
     nested = offset = None
     if fmt.double_quant:
         scales, nested, offset = wq.double_quantize(scales)
@@ -384,8 +383,8 @@ def quantize_params(params: Any, rules: Any) -> Any:
 
     Raises:
       TypeError: a targeted leaf is not a floating array.
-      ValueError: a 1-D leaf, a block longer than the contraction axes, a group that does not
-        divide them, non-finite weights; each message names the leaf's path, shape and dtype.
+      ValueError: a 1-D leaf, a block longer than the contraction axes, non-finite weights;
+        each message names the leaf's path, shape and dtype.
 
     Example:
       >>> import jax.numpy as jnp

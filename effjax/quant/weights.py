@@ -40,7 +40,9 @@ offset the codes and nested scales are bit-identical.
 ``quantize_row_q4_1_ref``): ``d = (max x - min x) / 15``, ``q = min(15, trunc((x - min x)
 (1 / d) + 1/2))`` (``1/d := 0`` when ``d = 0``), ``x ~ q d + min x``, with ``d`` and
 ``min x`` stored in ``scale_dtype`` (GGUF: float16, codes found with the float32 ``d``).
-Groups of ``group`` consecutive elements along ``K`` (``K % group == 0``).
+Groups of ``group`` consecutive elements along each row (a last group shorter than ``group``
+is a group of its own: SmolLM2's ``K = 576`` in groups of 128 is 4 groups and one of 64;
+torchao and GGUF require ``K % group == 0`` and agree exactly where it holds).
 
 References: Dettmers et al., "QLoRA: Efficient Finetuning of Quantized LLMs", NeurIPS 2023;
 Dettmers et al., "LLM.int8()", NeurIPS 2022; bitsandbytes ``functional.quantize_4bit``,
@@ -257,35 +259,44 @@ def dequantize_int8_rows(q: jax.Array, row_absmax: jax.Array, dtype=jnp.float32)
 
 def quantize_int4_groups(x: jax.Array, *, group: int, symmetric: bool = True,
                          scale_dtype=jnp.float32):
-    """int4 codes of a 2-D row view ``(R, K)`` in groups of ``group`` along ``K``.
+    """int4 codes of a 2-D row view ``(R, K)`` in groups of ``group`` along ``K`` (a last
+    group shorter than ``group`` is a group of its own, with its own scale).
 
-    Returns ``(codes uint8 (R, K) in 0..15, scales (R, K // group), mins or None)``: symmetric
-    codes are ``q + 8``; ``mins`` (asymmetric) are stored in ``scale_dtype`` like the scales.
+    Returns ``(codes uint8 (R, K) in 0..15, scales (R, ceil(K / group)), mins or None)``:
+    symmetric codes are ``q + 8``; ``mins`` (asymmetric) are stored in ``scale_dtype`` like the
+    scales.
     """
     xf = jnp.asarray(x).astype(jnp.float32)
     r, k = xf.shape
-    xg = xf.reshape(r, k // group, group)
+    pad = -k % group
+    if pad:  # repeat each row's last element: a group's max, min and max |x| stay its own
+        xf = jnp.pad(xf, ((0, 0), (0, pad)), mode="edge")
+    xg = xf.reshape(r, -1, group)
     finite = jnp.all(jnp.isfinite(xg), axis=-1)
     if symmetric:
         s = jnp.maximum(_divide(jnp.max(jnp.abs(xg), axis=-1), 7.5),
                         np.float32(np.finfo(np.float32).tiny))
         s = jnp.where(finite, s, jnp.nan)
         q = jnp.clip(jnp.round(xg * (1.0 / s)[..., None]), -8, 7) + 8
-        return q.astype(jnp.uint8).reshape(r, k), s.astype(scale_dtype), None
+        return q.astype(jnp.uint8).reshape(r, -1)[:, :k], s.astype(scale_dtype), None
     lo, hi = jnp.min(xg, axis=-1), jnp.max(xg, axis=-1)
     d = jnp.where(finite, _divide(hi - lo, 15.0), jnp.nan)
     inv = jnp.where(d == 0, 0.0, 1.0 / jnp.where(d == 0, 1.0, d))
     q = jnp.clip(jnp.trunc((xg - lo[..., None]) * inv[..., None] + np.float32(0.5)), 0, 15)
     q = jnp.where(jnp.isfinite(q), q, 0)
-    return q.astype(jnp.uint8).reshape(r, k), d.astype(scale_dtype), lo.astype(scale_dtype)
+    return (q.astype(jnp.uint8).reshape(r, -1)[:, :k], d.astype(scale_dtype),
+            lo.astype(scale_dtype))
 
 
 def dequantize_int4_groups(codes: jax.Array, scales: jax.Array, mins: jax.Array | None,
-                           dtype=jnp.float32) -> jax.Array:
-    """Inverse of :func:`quantize_int4_groups` in float32, cast to ``dtype``."""
+                           dtype=jnp.float32, *, group: int | None = None) -> jax.Array:
+    """Inverse of :func:`quantize_int4_groups` in float32, cast to ``dtype`` (``group``:
+    needed when ``K`` is not a multiple of it; default ``K / scales.shape[-1]``)."""
     r, k = codes.shape
-    g = k // scales.shape[-1]
-    q = codes.astype(jnp.float32).reshape(r, -1, g)
+    g = k // scales.shape[-1] if group is None else group
+    pad = scales.shape[-1] * g - k
+    q = jnp.pad(codes, ((0, 0), (0, pad))) if pad else codes
+    q = q.astype(jnp.float32).reshape(r, -1, g)
     s = scales.astype(jnp.float32)[..., None]
     out = (q - 8.0) * s if mins is None else q * s + mins.astype(jnp.float32)[..., None]
-    return out.reshape(r, k).astype(dtype)
+    return out.reshape(r, -1)[:, :k].astype(dtype)

@@ -156,8 +156,6 @@ def test_nnx_model_runs_on_quantized_weights():
     ({"b": jnp.ones(64)}, {"b": NF4()}, ValueError, r"leaf 'b' \(shape \(64,\).*at least 2"),
     ({"w": jnp.ones((32, 4))}, {"w": NF4(block_size=64)}, ValueError,
      r"leaf 'w'.*block of 64 is longer than the contraction axes \(32,\)"),
-    ({"w": jnp.ones((48, 4))}, {"w": Int4(group_size=32)}, ValueError,
-     r"leaf 'w'.*group_size 32 does not divide.*K = 48"),
     ({"w": jnp.ones((64, 4)).at[3, 1].set(jnp.nan)}, {"w": NF4()}, ValueError,
      r"leaf 'w'.*1 non-finite"),
     ({"w": jnp.ones((64, 4))}, {"v": NF4()}, ValueError, r"rule 'v'.*no leaf|matches no"),
@@ -177,3 +175,29 @@ def test_bad_inputs_name_the_leaf(params, rules, exc, match):
 def test_bad_formats(make, match):
     with pytest.raises((ValueError, TypeError), match=match):
         make()
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int4_partial_last_group(symmetric):
+    """K = 48 in groups of 32: each row is a group of 32 and one of 16 (its own scale),
+    written out per group with the formulas of effjax.quant.weights' docstring."""
+    w = np.random.default_rng(7).standard_normal((48, 5)).astype(np.float32)
+    w[40:, 2] = 3.0  # a large value only in the short group of output channel 2
+    node = quantize_params({"w": jnp.asarray(w)},
+                           {"w": Int4(group_size=32, symmetric=symmetric)})["w"]
+    assert node.scales.shape == (5, 2) and node.codes.shape == (5, 24)
+    expect = np.empty_like(w.T)
+    for r, row in enumerate(w.T):
+        for lo, hi in ((0, 32), (32, 48)):
+            g = row[lo:hi]
+            if symmetric:
+                s = np.float32(np.abs(g).max() / np.float32(7.5))
+                expect[r, lo:hi] = np.clip(np.round(g * (np.float32(1) / s)), -8, 7) * s
+            else:
+                d = np.float32((g.max() - g.min()) / np.float32(15))
+                q = np.minimum(np.trunc((g - g.min()) * (np.float32(1) / d) + np.float32(0.5)), 15)
+                expect[r, lo:hi] = q * d + g.min()
+    np.testing.assert_allclose(np.asarray(node.materialize()), expect.T, rtol=1e-6, atol=1e-7)
+    s2 = np.asarray(node.scales)[2]  # the short group's scale sees only its own 16 values
+    assert s2[1] == pytest.approx(3.0 / 7.5 if symmetric else (3.0 - w[32:40, 2].min()) / 15,
+                                  rel=1e-6)
