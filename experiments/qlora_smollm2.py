@@ -15,8 +15,7 @@ of the 210 adapted kernels differs:
 * ``NF4 QLoRA`` / ``NF4+DQ QLoRA`` / ``FP4 QLoRA``: ``quantize_params`` with
   ``NF4(block_size=64)`` without / with double quantization, ``FP4(block_size=64)`` without;
 * ``int4-g128 QLoRA``: ``Int4(group_size=128)`` (symmetric, float32 scales); SmolLM2's
-  576-wide inputs are not a multiple of 128, so those kernels (q/k/v/o/gate/up) use group 64
-  and only ``down_proj`` (1536 inputs) group 128 (``Int4`` needs the group to divide K);
+  576-wide inputs are 4 groups of 128 and a last group of 64 per row (its own scale);
 * ``LoftQ-NF4``: base and factors from ``effjax.compress.loftq_init`` (NF4 + double quant,
   one iteration, as PEFT's default ``loftq_iter=1``), the factors scaled for alpha.
 
@@ -90,10 +89,9 @@ TARGETS = LM_TARGETS["all"]  # q/k/v/o + gate/up/down of every block (the embedd
 
 
 def _int4_rules(group: int) -> dict:
-    """Int4 at ``group`` where it divides K; SmolLM2's 576-input kernels take the largest
-    power of two dividing 576 below ``group`` (64): Int4 needs whole groups."""
-    return {r"layers/\d+/mlp/down_proj/kernel": Int4(group_size=group),  # K = 1536
-            TARGETS: Int4(group_size=math.gcd(group, 576))}
+    """Int4 at ``group`` on every adapted kernel (a row's last group may be shorter: 576 =
+    4 x 128 + 64)."""
+    return {TARGETS: Int4(group_size=group)}
 
 
 # name -> rules over the adapted kernels (None: the float kernels, cast by ``dtype``)
@@ -458,7 +456,7 @@ def table_qlora(res) -> str:
 
 def _base_name(kind: str) -> str:
     return {"bf16": "bf16", "NF4": "NF4 b64", "NF4+DQ": "NF4 b64 + DQ", "FP4": "FP4 b64",
-            "int4-g128": "int4 sym g128 (g64 on K=576)",
+            "int4-g128": "int4 sym g128",
             "loftq": "NF4 b64 + DQ (LoftQ)"}.get(kind, kind)
 
 

@@ -36,9 +36,11 @@ from effjax.compress.weight_quant import (
     quantize_weight,
 )
 
-__all__ = ["fake_quantize", "FakeQuant", "fake_quantize_params", "WeightFormat", "NF4", "FP4",
-           "Int8", "Int4", "QuantizedWeight", "quantize_params", "materialize", "is_quantized",
-           "quantization_report", "bits_per_parameter", "dense_weight", "quantize_weight"]
-__all__ += ["to_bnb_state_dict", "from_bnb_state_dict", "save_bnb_checkpoint",
-            "load_bnb_checkpoint"]
-__all__ += ["loftq_init", "lq_lora_decompose", "lq_lora_allocate"]
+__all__ = [
+    "WeightFormat", "NF4", "FP4", "Int8", "Int4", "QuantizedWeight", "quantize_params",
+    "quantize_weight", "materialize", "is_quantized", "dense_weight", "quantization_report",
+    "bits_per_parameter",
+    "to_bnb_state_dict", "from_bnb_state_dict", "save_bnb_checkpoint", "load_bnb_checkpoint",
+    "loftq_init", "lq_lora_decompose", "lq_lora_allocate",
+    "fake_quantize", "FakeQuant", "fake_quantize_params",
+]

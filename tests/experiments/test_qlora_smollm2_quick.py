@@ -24,9 +24,8 @@ def _nf4(k, n, dq):
 
 
 def _int4(k, n):
-    """Packed codes + a float32 scale per group (128 where it divides K, else 64)."""
-    group = 128 if k % 128 == 0 else 64
-    return k * n // 2 + 4 * n * (k // group)
+    """Packed codes + a float32 scale per group of 128 along K (576: 4 + a short last one)."""
+    return k * n // 2 + 4 * n * math.ceil(k / 128)
 
 
 def _int8(k, n):
