@@ -301,7 +301,9 @@ def _xent(logits, labels):
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
-def _schedule(lr: float, steps: int):
+def warmup_linear_decay(lr: float, steps: int):
+    """Linear warm-up over 10% of ``steps``, then linear decay to 0 (shared with
+    ``qlora_smollm2``)."""
     warm = max(1, steps // 10)
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warm),
                                  optax.linear_schedule(lr, 0.0, max(1, steps - warm))], [warm])
@@ -339,8 +341,9 @@ def train_classifier(name: str, method: Method, graph, base: dict, train: dict, 
     info = summary(tree)
     trainable, frozen = split(tree)
     opt = optax.chain(optax.clip_by_global_norm(1.0), optax.multi_transform(
-        {"head": optax.adam(_schedule(HEAD_LR, args.steps)),
-         "encoder": optax.adam(_schedule(method.lr, args.steps))}, _label_tree(trainable)))
+        {"head": optax.adam(warmup_linear_decay(HEAD_LR, args.steps)),
+         "encoder": optax.adam(warmup_linear_decay(method.lr, args.steps))},
+        _label_tree(trainable)))
     opt_state = opt.init(trainable)
 
     def loss_fn(tr, fr, b):
@@ -411,13 +414,15 @@ LM_TARGETS = {"qv": r"layers/\d+/self_attn/(q_proj|v_proj)/kernel",
               "all": r"layers/\d+/(self_attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)/kernel"}
 
 
-def lm_windows(tokenizer, split: str, seq_len: int) -> np.ndarray:
+def lm_windows(tokenizer, split: str, seq_len: int, max_plays: int | None = None
+               ) -> np.ndarray:
     """Consecutive non-overlapping windows of ``seq_len + 1`` tokens of each play of ``split``
-    (the ``shakespeare_char`` by-play split), int32 ``(N, seq_len + 1)``."""
+    (the ``shakespeare_char`` by-play split; its first ``max_plays`` only, if given), int32
+    ``(N, seq_len + 1)``."""
     from effjax.data.shakespeare import play_texts, split_plays
 
     texts = play_texts()
-    plays = split_plays(list(texts))[split]
+    plays = split_plays(list(texts))[split][:max_plays]
     out = []
     for enc in tokenizer.encode_batch([texts[p] for p in plays]):
         ids = np.asarray(enc.ids, np.int32)
@@ -426,7 +431,8 @@ def lm_windows(tokenizer, split: str, seq_len: int) -> np.ndarray:
     return np.concatenate(out)
 
 
-def _lm_nll(model, tokens):
+def lm_nll(model, tokens):
+    """Mean next-token cross-entropy of ``model`` on windows ``tokens`` ``(B, T + 1)``."""
     logits = model(tokens[:, :-1])
     return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
 
@@ -450,11 +456,11 @@ def part_b(args) -> dict:
     info = summary(tree)
     trainable, frozen = split(tree)
     opt = optax.chain(optax.clip_by_global_norm(1.0),
-                      optax.adam(_schedule(args.lm_lr, args.lm_steps)))
+                      optax.adam(warmup_linear_decay(args.lm_lr, args.lm_steps)))
     opt_state = opt.init(trainable)
 
     def loss_fn(tr, fr, tokens):
-        return _lm_nll(nnx.merge(graph, materialize(combine(tr, fr))), tokens)
+        return lm_nll(nnx.merge(graph, materialize(combine(tr, fr))), tokens)
 
     @jax.jit
     def step(tr, st, fr, tokens):

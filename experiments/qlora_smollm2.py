@@ -82,7 +82,12 @@ from effjax.nn import adapted_layers
 from effjax.peft import LoRA, combine, inject, split, summary
 from effjax.selection import path_str
 from experiments import _train
-from experiments.peft_shakespeare import LM_TARGETS, lm_windows
+from experiments.peft_shakespeare import (
+    LM_TARGETS,
+    lm_nll,
+    lm_windows,
+    warmup_linear_decay,
+)
 
 NAME = "qlora_smollm2"
 TARGETS = LM_TARGETS["all"]  # q/k/v/o + gate/up/down of every block (the embedding is tied)
@@ -194,28 +199,11 @@ def load(args):
     return graph, params, q41, loaded.tokenizer, notes
 
 
-def windows(tokenizer, split: str, seq: int, max_plays: int | None) -> np.ndarray:
-    """``peft_shakespeare.lm_windows`` (all plays of ``split``), or with ``max_plays`` its
-    computation on the first plays only (a copy, for the quick run)."""
-    if max_plays is None:
-        return lm_windows(tokenizer, split, seq)
-    from effjax.data.shakespeare import play_texts, split_plays
-
-    texts = play_texts()
-    plays = split_plays(list(texts))[split][:max_plays]
-    out = []
-    for enc in tokenizer.encode_batch([texts[p] for p in plays]):
-        ids = np.asarray(enc.ids, np.int32)
-        n = len(ids) // (seq + 1)
-        out.append(ids[:n * (seq + 1)].reshape(n, seq + 1))
-    return np.concatenate(out)
-
-
 def data(tokenizer, args):
     """Training windows (train plays) and ``eval_windows`` held-out windows evenly spread over
     the validation plays, each ``seq + 1`` tokens."""
-    train = windows(tokenizer, "train", args.seq, args.max_plays)
-    val_all = windows(tokenizer, "validation", args.seq, args.max_plays)
+    train = lm_windows(tokenizer, "train", args.seq, args.max_plays)
+    val_all = lm_windows(tokenizer, "validation", args.seq, args.max_plays)
     n = min(args.eval_windows, len(val_all)) // args.eval_batch * args.eval_batch
     pick = np.linspace(0, len(val_all) - 1, n).round().astype(int)
     return train, val_all[pick], len(val_all)
@@ -305,18 +293,13 @@ def dense_f32(tree):
     return jax.tree.map(conv, tree, is_leaf=lambda x: _is_adapter(x) or is_quantized(x))
 
 
-def _lm_nll(model, tokens):  # copied from peft_shakespeare (private there)
-    logits = model(tokens[:, :-1])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
-
-
 class Evaluator:
     """Mean next-token NLL over the held-out windows, on a dense float32 tree (one compile for
     every row of both tables)."""
 
     def __init__(self, graph, val: np.ndarray, batch: int):
         self.val, self.batch = val, batch
-        self.fn = jax.jit(lambda p, t: _lm_nll(nnx.merge(graph, p), t))
+        self.fn = jax.jit(lambda p, t: lm_nll(nnx.merge(graph, p), t))
 
     def __call__(self, tree, dense: bool = True) -> float:
         p = dense_f32(tree) if dense else tree
@@ -327,15 +310,9 @@ class Evaluator:
 
 # --- fine-tuning ---------------------------------------------------------------------------------
 
-def _schedule(lr: float, steps: int):  # copied from peft_shakespeare (private there)
-    warm = max(1, steps // 10)
-    return optax.join_schedules([optax.linear_schedule(0.0, lr, warm),
-                                 optax.linear_schedule(lr, 0.0, max(1, steps - warm))], [warm])
-
-
 def make_step(graph, opt):
     def loss_fn(tr, fr, tokens):
-        return _lm_nll(nnx.merge(graph, combine(tr, fr)), tokens)
+        return lm_nll(nnx.merge(graph, combine(tr, fr)), tokens)
 
     def step(tr, st, fr, tokens):
         loss, grads = jax.value_and_grad(loss_fn)(tr, fr, tokens)
@@ -355,7 +332,8 @@ def memory(compiled) -> dict:
 def part_qlora(args, graph, params, train, val, evaluate, ptq_nll: dict) -> dict:
     from tqdm.auto import tqdm
 
-    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(_schedule(args.lr, args.steps)))
+    opt = optax.chain(optax.clip_by_global_norm(1.0),
+                      optax.adam(warmup_linear_decay(args.lr, args.steps)))
     step = make_step(graph, opt)
     tokens0 = jnp.asarray(train[:args.batch])
     runs = {}
