@@ -53,7 +53,6 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from effjax.quant import weights as wq
 from effjax.quant.kernel_layout import KernelLayout, axes_field
@@ -315,26 +314,8 @@ def _quantize(w: jax.Array, fmt: WeightFormat) -> QuantizedWeight:
         raise ValueError(f"{bad} non-finite value(s) in the kernel: a quantized weight would "
                          "decode them to NaN for whole blocks")
     run = _encode if isinstance(w, jax.core.Tracer) else _encode_jit
-    arrays = run(_replicated_if_explicit(w), fmt)
+    arrays = run(wq.replicated_if_explicit(w), fmt)
     return QuantizedWeight(*arrays, shape=tuple(w.shape), dtype=jnp.dtype(w.dtype), format=fmt)
-
-
-def _replicated_if_explicit(w: jax.Array) -> jax.Array:
-    """A kernel sharded over Explicit mesh axes, gathered (replicated on its mesh): the row
-    view's transpose and reshape would need output shardings JAX cannot infer. Quantizing is a
-    one-time step; the node's arrays come out replicated."""
-    try:
-        sh = jax.typeof(w).sharding
-    except (TypeError, AttributeError):
-        return w
-    mesh = getattr(sh, "mesh", None)
-    if mesh is None or not getattr(mesh, "axis_names", ()):
-        return w
-    if not any(t == AxisType.Explicit for t in mesh.axis_types):
-        return w
-    if all(e is None for e in sh.spec):
-        return w
-    return jax.sharding.reshard(w, NamedSharding(mesh, PartitionSpec()))
 
 
 def _encode(w: jax.Array, fmt: WeightFormat):

@@ -2,8 +2,8 @@
 LoRA-family node, without building the dense delta (see :mod:`effjax.nn.lora_layers` for the
 equations and :mod:`effjax.nn.interception` for the layers that call it).
 
-Public names here are re-exported by :mod:`effjax.nn.lora_layers`; ``parse_einsum`` and
-``dot_general_specs`` are shared with :mod:`effjax.nn.interception`.
+Public names here are re-exported by :mod:`effjax.nn.lora_layers`; ``parse_einsum`` is shared
+with :mod:`effjax.nn.interception`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from effjax.peft.base import is_adapter
 from effjax.peft.layout import KernelLayout
 
 __all__ = ["LowRankAdapter", "has_low_rank_factors", "adapted_einsum", "adapted_dot_general",
-           "parse_einsum", "dot_general_specs"]
+           "parse_einsum"]
 
 
 @runtime_checkable
@@ -183,6 +183,13 @@ def parse_einsum(subscripts: str, x_ndim: int, k_ndim: int) -> tuple[str, str, s
     return x_spec, k_spec, o_spec
 
 
+def _quantized_main(specs, x, qw, dtype, precision):
+    """``(x cast, einsum(x, dequant(qw)))`` for a quantized kernel or QLoRA base: dequantized
+    on the fly, no dense residual (:func:`effjax.nn._quantized.quantized_einsum`)."""
+    xc = jnp.asarray(x, dtype or jnp.result_type(x, qw.dtype))
+    return xc, quantized_einsum(*specs, xc, qw, dtype=xc.dtype, precision=precision)
+
+
 def _prologue(x, kernel, out_sharding, preferred_element_type):
     """``(x, kernel, op keywords)`` shared by the two ops: a node without low-rank factors is
     materialized (the dense path)."""
@@ -231,17 +238,14 @@ def adapted_einsum(subscripts: str, x: jax.Array, kernel: Any, *, dtype: Any = N
     """
     x, kernel, kw = _prologue(x, kernel, out_sharding, preferred_element_type)
     if is_quantized(kernel):
-        xc = jnp.asarray(x, dtype or jnp.result_type(x, kernel.dtype))
-        return quantized_einsum(*parse_einsum(subscripts, x.ndim, kernel.ndim), xc, kernel,
-                                dtype=xc.dtype, precision=precision)
+        specs = parse_einsum(subscripts, x.ndim, kernel.ndim)
+        return _quantized_main(specs, x, kernel, dtype, precision)[1]
     if not is_adapter(kernel):
         xc, kc = _promote(x, kernel, dtype)
         return einsum_op(subscripts, xc, kc, precision=precision, **kw)
     x_spec, k_spec, o_spec = parse_einsum(subscripts, x.ndim, kernel.w.ndim)
-    if is_quantized(kernel.w):  # QLoRA: the base dequantized on the fly (no dense residual)
-        xc = jnp.asarray(x, dtype or jnp.result_type(x, kernel.w.dtype))
-        y = quantized_einsum(x_spec, k_spec, o_spec, xc, kernel.w, dtype=xc.dtype,
-                             precision=precision)
+    if is_quantized(kernel.w):
+        xc, y = _quantized_main((x_spec, k_spec, o_spec), x, kernel.w, dtype, precision)
     else:
         xc, wc = _promote(x, kernel.w, dtype)
         y = einsum_op(f"{x_spec},{k_spec}->{o_spec}", xc, wc, precision=precision, **kw)
@@ -249,7 +253,7 @@ def adapted_einsum(subscripts: str, x: jax.Array, kernel: Any, *, dtype: Any = N
         y.dtype)
 
 
-def dot_general_specs(x_ndim: int, k_ndim: int, dimension_numbers) -> tuple[str, str, str]:
+def _dot_general_specs(x_ndim: int, k_ndim: int, dimension_numbers) -> tuple[str, str, str]:
     """The einsum specs of ``lax.dot_general(x, k, dimension_numbers)`` (its output order:
     batch dims, x's free dims, the kernel's free dims)."""
     (xc, kc), (xb, kb) = dimension_numbers
@@ -298,16 +302,14 @@ def adapted_dot_general(x: jax.Array, kernel: Any, dimension_numbers, *, dtype: 
     """
     x, kernel, kw = _prologue(x, kernel, out_sharding, preferred_element_type)
     if is_quantized(kernel):
-        xc = jnp.asarray(x, dtype or jnp.result_type(x, kernel.dtype))
-        return quantized_einsum(*dot_general_specs(x.ndim, kernel.ndim, dimension_numbers),
-                                xc, kernel, dtype=xc.dtype, precision=precision)
+        specs = _dot_general_specs(x.ndim, kernel.ndim, dimension_numbers)
+        return _quantized_main(specs, x, kernel, dtype, precision)[1]
     if not is_adapter(kernel):
         xc, kc = _promote(x, kernel, dtype)
         return dot_general(xc, kc, dimension_numbers, precision=precision, **kw)
-    specs = dot_general_specs(x.ndim, kernel.w.ndim, dimension_numbers)
-    if is_quantized(kernel.w):  # QLoRA: the base dequantized on the fly (no dense residual)
-        xc = jnp.asarray(x, dtype or jnp.result_type(x, kernel.w.dtype))
-        y = quantized_einsum(*specs, xc, kernel.w, dtype=xc.dtype, precision=precision)
+    specs = _dot_general_specs(x.ndim, kernel.w.ndim, dimension_numbers)
+    if is_quantized(kernel.w):
+        xc, y = _quantized_main(specs, x, kernel.w, dtype, precision)
     else:
         xc, wc = _promote(x, kernel.w, dtype)
         y = dot_general(xc, wc, dimension_numbers, precision=precision, **kw)

@@ -77,11 +77,9 @@ from effjax.compress import is_quantized
 from effjax.nn._lowrank import (
     adapted_dot_general,
     adapted_einsum,
-    dot_general_specs,
     has_low_rank_factors,
     parse_einsum,
 )
-from effjax.nn._quantized import quantized_einsum
 from effjax.selection import no_selection_message, path_str, selector
 
 __all__ = ["LayerCall", "Hook", "contract", "intercept", "linen_intercept", "layer_hooks",
@@ -201,7 +199,9 @@ def contract(call: LayerCall) -> jax.Array:
     Plain kernels: ``call.op(...)`` exactly as Flax calls it. LoRA-family nodes:
     :math:`y = x W + (x A) B` (:func:`~effjax.nn.adapted_dot_general` /
     :func:`~effjax.nn.adapted_einsum` with the layer's op for the main term, no dense delta).
-    Other structured kernels: materialized and cast to the inputs' (promoted) dtype.
+    Quantized kernels (:class:`~effjax.compress.QuantizedWeight`): the same functions,
+    dequantized on the fly with no dense residual. Other structured kernels: materialized and
+    cast to the inputs' (promoted) dtype.
 
     Example:
       >>> import jax.numpy as jnp
@@ -211,15 +211,8 @@ def contract(call: LayerCall) -> jax.Array:
       ((2, 4), (1,))
     """
     kernel, kw = call.kernel, dict(call.op_kwargs)
-    if is_quantized(kernel):  # a frozen quantized kernel: no dense copy kept for backward
-        if call.einsum_str is not None:
-            specs = parse_einsum(call.einsum_str, jnp.ndim(call.inputs), kernel.ndim)
-        else:
-            specs = dot_general_specs(jnp.ndim(call.inputs), kernel.ndim,
-                                       call.dimension_numbers)
-        dt = call.dtype if call.dtype is not None else jnp.result_type(call.inputs)
-        return quantized_einsum(*specs, call.inputs, kernel, dtype=dt, precision=call.precision)
-    if is_structured(kernel) and not has_low_rank_factors(kernel):
+    # a quantized kernel, like a LoRA-family node, goes to adapted_* (dequantized on the fly)
+    if is_structured(kernel) and not (has_low_rank_factors(kernel) or is_quantized(kernel)):
         kernel = jnp.asarray(kernel.materialize(), jnp.result_type(call.inputs))
     if not is_structured(kernel):
         if call.einsum_str is not None:

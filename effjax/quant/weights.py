@@ -67,13 +67,15 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
+from effjax.quant import _layout
 from effjax.quant.codebooks import dynamic_codebook, fp4_codebook, nf4_codebook
 
 __all__ = ["FOUR_BIT_KINDS", "four_bit_table", "quantize_4bit", "dequantize_4bit",
            "double_quantize", "double_dequantize", "quantize_int8_rows",
            "dequantize_int8_rows", "quantize_int4_groups", "dequantize_int4_groups",
-           "pack_nibbles", "unpack_nibbles", "DOUBLE_QUANT_BLOCK"]
+           "pack_nibbles", "unpack_nibbles", "replicated_if_explicit", "DOUBLE_QUANT_BLOCK"]
 
 #: The 4-bit tables bitsandbytes names ``quant_type``.
 FOUR_BIT_KINDS = ("nf4", "fp4")
@@ -81,6 +83,16 @@ FOUR_BIT_KINDS = ("nf4", "fp4")
 DOUBLE_QUANT_BLOCK = 256
 _TINY = np.float32(1e-38)  # bitsandbytes' clamp of a block maximum before dividing by it
 _LUT_BINS = 65536
+
+
+def replicated_if_explicit(x: jax.Array) -> jax.Array:
+    """``x`` gathered (replicated on its mesh) when its type is sharded over Explicit mesh
+    axes, else ``x``: the row view's transposes and reshapes would need output shardings JAX
+    cannot infer there. Quantizing a weight is a one-time step; its arrays come out
+    replicated."""
+    if _layout.explicit_spec(x) is None:
+        return x
+    return jax.sharding.reshard(x, NamedSharding(jax.typeof(x).sharding.mesh, PartitionSpec()))
 
 
 def _divide(x: jax.Array, d) -> jax.Array:
